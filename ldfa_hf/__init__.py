@@ -1,0 +1,14 @@
+"""Low-Dimensional Feedback Alignment for any Hugging Face (or plain PyTorch) model.
+
+    >>> import ldfa_hf
+    >>> plugin = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=16))
+    >>> loss.backward(); optimizer.step(); plugin.step()
+"""
+
+from .config import LDFAConfig
+from .plugin import LDFAPlugin, wrap
+from .targets import Target
+
+__version__ = "0.1.0"
+
+__all__ = ["LDFAConfig", "LDFAPlugin", "Target", "wrap", "__version__"]

@@ -1,0 +1,165 @@
+"""`LDFAConfig`: what to target, at which rank, and how the feedback is learned.
+
+Validated on construction so that a bad value fails before any model is touched,
+and JSON round-trippable so a run's feedback settings travel with its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+CONFIG_NAME = "ldfa_config.json"
+RULES = ("svd", "local", "oja", "fixed", "fa", "bp")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_pattern(name: str, value: Any, allow_none: bool) -> None:
+    """A target spec is a regex string or a non-empty list of name strings."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, str):
+        if value == "all-linear":
+            return
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"{name}={value!r} is not a valid regular expression: {err}") from None
+        return
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+        return
+    raise ValueError(
+        f"{name} must be 'all-linear', a regex string or a non-empty list of module names; got {value!r}"
+    )
+
+
+def _check_rate(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (or None for the rule's default); got {value!r}")
+
+
+@dataclass
+class LDFAConfig:
+    """Settings for Low-Dimensional Feedback Alignment.
+
+    Args:
+        rank: feedback rank r; each layer uses ``min(rank, m, n)``.
+        rank_pattern: per-module rank overrides, ``{name or suffix or regex: rank}``
+            (e.g. ``{"qkv": 96}`` for a fused projection).
+        rule: how P and Q are learned: ``"svd"`` (default), ``"local"``, ``"oja"``,
+            ``"fixed"``, ``"fa"`` or ``"bp"`` (exact backprop through the same hooks).
+        target_modules: ``"all-linear"`` (every ``nn.Linear`` and GPT-2 ``Conv1D``,
+            the output head included), a list of exact names or name suffixes, or
+            a regex matched against the whole module name.
+        exclude_modules: same forms as ``target_modules``; matches are left exact.
+        include_conv: with ``"all-linear"``, also target ``nn.Conv2d`` with ``groups == 1``.
+        refresh_every: ``svd`` rule: re-run the truncated SVD every this many
+            steps (``None``: only at initialisation).
+        feedback_lr / feedback_weight_decay: AdamW settings for the factors;
+            ``None`` takes the rule's published default.
+        error_clip: clamp the propagated error to ``±error_clip``; ``"auto"``
+            takes the rule's default (1.0 for ``oja``, none otherwise).
+        seed: seeds factor initialisation and randomised SVDs (same on every process).
+
+    Example:
+        >>> cfg = LDFAConfig(rank=10, rule="svd", exclude_modules=["classifier"])
+        >>> LDFAConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    rank: int = 16
+    rank_pattern: dict = field(default_factory=dict)
+    rule: str = "svd"
+    target_modules: Union[str, list] = "all-linear"
+    exclude_modules: Optional[Union[str, list]] = None
+    include_conv: bool = True
+    refresh_every: Optional[int] = 500
+    feedback_lr: Optional[float] = None
+    feedback_weight_decay: Optional[float] = None
+    error_clip: Union[float, str, None] = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, tuple):
+            self.exclude_modules = list(self.exclude_modules)
+        if not _is_int(self.rank) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive int; got {self.rank!r}")
+        if not isinstance(self.rank_pattern, dict):
+            raise ValueError(f"rank_pattern must be a dict of {{module pattern: rank}}; got {self.rank_pattern!r}")
+        for key, value in self.rank_pattern.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"rank_pattern keys must be non-empty strings; got {key!r}")
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise ValueError(f"rank_pattern key {key!r} is not a valid regular expression: {err}") from None
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"rank_pattern[{key!r}] must be a positive int; got {value!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}; got {self.rule!r}")
+        _check_pattern("target_modules", self.target_modules, allow_none=False)
+        _check_pattern("exclude_modules", self.exclude_modules, allow_none=True)
+        if not isinstance(self.include_conv, bool):
+            raise ValueError(f"include_conv must be a bool; got {self.include_conv!r}")
+        if self.refresh_every is not None and (not _is_int(self.refresh_every) or self.refresh_every <= 0):
+            raise ValueError(f"refresh_every must be a positive int or None; got {self.refresh_every!r}")
+        _check_rate("feedback_lr", self.feedback_lr)
+        _check_rate("feedback_weight_decay", self.feedback_weight_decay)
+        clip = self.error_clip
+        if not (clip is None or clip == "auto"):
+            if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0:
+                raise ValueError(f"error_clip must be a positive number, None or 'auto'; got {clip!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an int; got {self.seed!r}")
+
+    # -- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LDFAConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"LDFAConfig.from_dict expects a dict; got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"LDFAConfig: ignoring unknown keys {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> str:
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "LDFAConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"LDFA config not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"LDFA config {path} is not valid JSON: {err}") from None
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"LDFA config {path} is invalid: {err}") from None

@@ -1,0 +1,159 @@
+"""The per-layer hook that gives a layer its low-rank backward pathway.
+
+Forward pre-hook: the layer receives a *detached* input, so its own kernel computes
+only the exact weight and bias gradients and never ``δ W``. Forward hook: the output is
+routed through ``_Feedback``, an identity in forward whose backward sends ``(δ P) Q`` to
+the real input and, while training, accumulates the statistics the rule asks for.
+As in ``torch.nn.utils.prune``, the object doing the work is the hook, and ``remove``
+takes it off again without a trace.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+
+class Switch:
+    """Plugin-wide flags every hook reads: LDFA on/off, statistics on/off, probing."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.collecting = True
+        self.probing = False
+
+
+class _Feedback(torch.autograd.Function):
+    """Identity on the layer output; its backward supplies the input's gradient."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, x: Tensor, hook: "FeedbackHook", collect: bool) -> Tensor:
+        ctx.hook, ctx.collect = hook, collect
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.save_for_backward(x if collect else None)
+        return y.view_as(y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        (x,) = ctx.saved_tensors
+        gx = ctx.hook.input_grad(g, x, ctx.x_shape, ctx.needs_input_grad[1], ctx.collect)
+        return g, (None if gx is None else gx.to(ctx.x_dtype)), None, None
+
+
+class FeedbackHook:
+    """LDFA on one layer: its factors P (m×r) and Q (r×n), and the statistics of the step."""
+
+    def __init__(self, name: str, module: nn.Module, kind, rank: int, rule, switch: Switch,
+                 P: Optional[Tensor], Q: Optional[Tensor], error_clip: Optional[float]) -> None:
+        self.name, self.kind, self.rank, self.rule, self.switch = name, kind, rank, rule, switch
+        self.P, self.Q, self.error_clip = P, Q, error_clip
+        self.stats: dict[str, Tensor] = {}
+        self.samples = 0            # samples accumulated into ``stats`` since the last step
+        self.last_samples = 0       # samples per forward, for the FLOP estimate
+        self.input_needs_grad = True
+        self.probe_input: Optional[Tensor] = None
+        self._x: Optional[Tensor] = None
+        self._module = module
+        self._handles = []
+
+    # -- attach / remove, in the style of torch.nn.utils.prune ---------------------------
+    def register(self) -> "FeedbackHook":
+        module = self._module
+        self._handles = [
+            module.register_forward_pre_hook(self.pre_forward, with_kwargs=True),
+            module.register_forward_hook(self.post_forward, with_kwargs=True),
+        ]
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._x = self.probe_input = None
+        self.stats = {}
+
+    # -- forward ---------------------------------------------------------------------------
+    def pre_forward(self, module, args, kwargs):
+        switch = self.switch
+        if not torch.is_grad_enabled() or not (switch.enabled or switch.probing):
+            return None
+        if args:
+            x = args[0]
+        elif len(kwargs) == 1:
+            x = next(iter(kwargs.values()))
+        else:
+            return None
+        if not isinstance(x, Tensor):
+            return None
+        self._x = x
+        if not switch.enabled:
+            return None
+        if args:
+            return (x.detach(),) + tuple(args[1:]), kwargs
+        return args, {k: v.detach() for k, v in kwargs.items()}
+
+    def post_forward(self, module, args, kwargs, output):
+        x, self._x = self._x, None
+        if x is None:
+            return None
+        if self.switch.probing:
+            self.probe_input = x
+        if not self.switch.enabled or not isinstance(output, Tensor):
+            return None
+        collect = bool(self.switch.collecting and module.training and self.rule.needs)
+        self.input_needs_grad = x.requires_grad
+        self.last_samples = self.kind.samples(output)
+        if not x.requires_grad and not (collect and output.requires_grad):
+            return None
+        self.follow_device(module.weight.device)
+        return _Feedback.apply(output, x, self, collect)
+
+    # -- backward ----------------------------------------------------------------------------
+    def input_grad(self, g: Tensor, x: Optional[Tensor], x_shape, need_gx: bool, collect: bool):
+        """``(δ P) Q`` for the input (``δ W`` under the ``bp`` rule); statistics while training."""
+        module, kind = self._module, self.kind
+        gx = z = None
+        if self.rule.exact:
+            gx = kind.exact(g, module, x_shape) if need_gx else None
+        else:
+            if need_gx or collect:
+                z = kind.down(g, self.P)
+            if need_gx:
+                gx = kind.up(z, self.Q, module, x_shape)
+        if collect:
+            self.accumulate(self.rule.statistics(kind, module, g, z, x, self.P, self.Q), kind.samples(g))
+        if gx is not None and self.error_clip is not None:
+            gx = gx.clamp(-self.error_clip, self.error_clip)
+        return gx
+
+    def accumulate(self, stats: dict, samples: int) -> None:
+        for key, value in stats.items():
+            value = value.float()
+            if key in self.stats:
+                self.stats[key] += value
+            else:
+                self.stats[key] = value.clone()
+        self.samples += samples
+
+    def clear_stats(self) -> None:
+        self.stats = {}
+        self.samples = 0
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def weight_matrix(self) -> Tensor:
+        return self.kind.matrix(self._module).detach()
+
+    def follow_device(self, device: torch.device) -> None:
+        """Factors live outside the model, so they follow its weight when it moves."""
+        if self.P is not None and self.P.device != device:
+            self.P.data = self.P.data.to(device)
+            self.Q.data = self.Q.data.to(device)
+            self.stats = {k: v.to(device) for k, v in self.stats.items()}

@@ -1,0 +1,485 @@
+"""`LDFAPlugin`: attaches LDFA to a model, owns the factors, and steps the rule.
+
+Data flows one way: backward hook → per-layer statistics → ``step()`` → the rule
+turns statistics (or W) into gradients for P and Q → AdamW updates them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed
+from .config import CONFIG_NAME, LDFAConfig
+from .feedback import FeedbackHook, Switch
+from .rules import factor_generator, make_rule
+from .targets import Target, existing_hook_owner, find_targets, unmatched_rank_patterns
+
+STATE_NAME = "ldfa_state.safetensors"
+_STEP_KEY = "__ldfa__.num_steps"
+_SKIPPED_KEY = "__ldfa__.skipped"
+
+
+class LDFAPlugin:
+    """LDFA on one model: hooks on the targeted layers and their feedback factors.
+
+    Example:
+        >>> import torch, ldfa_hf
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        >>> plugin = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=2))
+        >>> model(torch.randn(5, 8)).sum().backward()
+        >>> plugin.step()          # after optimizer.step()
+        >>> plugin.detach()        # exact backprop again
+    """
+
+    def __init__(self, config: Optional[LDFAConfig] = None) -> None:
+        if config is None:
+            config = LDFAConfig()
+        if not isinstance(config, LDFAConfig):
+            raise TypeError(
+                f"config must be an LDFAConfig, got {type(config).__name__} "
+                "(build one with LDFAConfig(**values) or LDFAConfig.from_dict(values))"
+            )
+        self.config = config
+        self.rule = make_rule(config.rule)
+        self.switch = Switch()
+        self.num_steps = 0
+        self._hooks: dict[str, FeedbackHook] = {}
+        self._targets: dict[str, Target] = {}
+        self._skipped: dict[str, int] = {}
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._model: Optional[nn.Module] = None
+        self._synced = False
+        self._warned_nonfinite = False
+
+    # -- attach / detach ---------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> "LDFAPlugin":
+        """Hook every targeted layer of ``model``. Every check runs before the model is touched."""
+        if self._hooks:
+            raise ValueError("this LDFAPlugin is already attached to a model; call detach() first")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        owner = existing_hook_owner(model)
+        if owner is not None:
+            raise ValueError(
+                f"{type(model).__name__} is already wrapped with LDFA (module {owner!r} carries an LDFA hook); "
+                "call detach() on the existing plugin first"
+            )
+        found = find_targets(model, self.config)
+        missing = unmatched_rank_patterns(found, self.config)
+        if missing:
+            warnings.warn(f"LDFA rank_pattern keys {missing} match no targeted layer", stacklevel=3)
+
+        factors = {}
+        for name, (module, kind, target) in found.items():
+            weight = module.weight
+            if not self.rule.exact:
+                reason = distributed.sharded_weight_reason(weight)
+                if reason is not None:
+                    raise ValueError(
+                        f"rule={self.config.rule!r} must read the weight of {name!r}, but {reason}. "
+                        "LDFA does not support FSDP / DeepSpeed ZeRO-3 sharded weights yet; "
+                        "wrap before sharding is not enough. Use DDP, or rule='bp'."
+                    )
+                W = kind.matrix(module).detach()
+                if not torch.isfinite(W).all():
+                    raise ValueError(f"weight of {name!r} contains NaN or Inf; cannot initialise its feedback")
+                P, Q = self.rule.init(W, target.rank, factor_generator(self.config.seed, name, 0))
+                factors[name] = (P.float().contiguous(), Q.float().contiguous())
+            else:
+                factors[name] = (None, None)
+
+        clip = self.rule.error_clip if self.config.error_clip == "auto" else self.config.error_clip
+        hooks = {
+            name: FeedbackHook(name, module, kind, target.rank, self.rule, self.switch, *factors[name], clip)
+            for name, (module, kind, target) in found.items()
+        }
+        registered = []
+        try:
+            for hook in hooks.values():
+                registered.append(hook.register())
+        except BaseException:
+            for hook in registered:
+                hook.remove()
+            raise
+
+        self._hooks = hooks
+        self._targets = {name: target for name, (_, _, target) in found.items()}
+        self._skipped = {name: 0 for name in hooks}
+        self._model = model
+        self._optimizer = self._make_optimizer()
+        self._synced = False
+        self._sync_once()
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook: the model is exactly as it was before ``attach``."""
+        for hook in self._hooks.values():
+            hook.remove()
+        self._hooks, self._targets, self._model, self._optimizer = {}, {}, None, None
+
+    def _make_optimizer(self) -> Optional[torch.optim.Optimizer]:
+        if not self.rule.trains:
+            return None
+        lr = self.rule.lr if self.config.feedback_lr is None else self.config.feedback_lr
+        wd = self.rule.weight_decay if self.config.feedback_weight_decay is None else self.config.feedback_weight_decay
+        factors = [t for hook in self._hooks.values() for t in (hook.P, hook.Q)]
+        return torch.optim.AdamW(factors, lr=lr, weight_decay=wd)
+
+    def _factors(self) -> list[Tensor]:
+        return [t for hook in self._hooks.values() for t in (hook.P, hook.Q) if t is not None]
+
+    def _sync_once(self) -> None:
+        """Rank 0's factors everywhere, once torch.distributed is up."""
+        if not self._synced and distributed.world_size() > 1:
+            distributed.broadcast_(self._factors())
+            self._synced = True
+
+    # -- training ----------------------------------------------------------------------------
+    def step(self) -> None:
+        """Update P and Q from this step's statistics. Call once per optimizer step, after it."""
+        if not self._hooks:
+            raise RuntimeError("LDFAPlugin.step() called on a detached plugin; call attach(model) first")
+        self._sync_once()
+        self.num_steps += 1
+        refresh = (
+            self.rule.refreshes
+            and self.config.refresh_every is not None
+            and self.num_steps % self.config.refresh_every == 0
+        )
+        if self.rule.trains and not refresh:
+            self._descend()
+        for hook in self._hooks.values():
+            hook.clear_stats()
+        if refresh:
+            self.refresh()
+
+    def _descend(self) -> None:
+        hooks = list(self._hooks.values())
+        if self.rule.needs:
+            self._average_statistics(hooks)
+        updated = False
+        for hook in hooks:
+            if self.rule.needs and hook.samples == 0:
+                continue  # layer not used since the last step
+            grads = self.rule.gradients(hook)
+            if not all(torch.isfinite(g).all() for g in grads):
+                self._skipped[hook.name] += 1
+                if not self._warned_nonfinite:
+                    warnings.warn(
+                        f"LDFA: non-finite feedback statistics in {hook.name!r}; its update was skipped "
+                        "(counted in plugin.stats()['skipped_updates'], warned once)",
+                        stacklevel=3,
+                    )
+                    self._warned_nonfinite = True
+                continue
+            if self.rule.grad_clip is not None:
+                grads = [g.clamp(-self.rule.grad_clip, self.rule.grad_clip) for g in grads]
+            hook.P.grad, hook.Q.grad = grads
+            updated = True
+        if updated:
+            self._move_optimizer_state()
+            self._optimizer.step()
+        for hook in hooks:
+            hook.P.grad = hook.Q.grad = None
+
+    def _average_statistics(self, hooks: list[FeedbackHook]) -> None:
+        """Same statistics on every process: pad absent ones with zeros, then one all-reduce."""
+        if distributed.world_size() == 1:
+            return
+        flat = []
+        for hook in hooks:
+            m, n = self._targets[hook.name].shape
+            device = hook.P.device
+            for key, shape in self.rule.stat_shapes(m, n, hook.rank).items():
+                if key not in hook.stats:
+                    hook.stats[key] = torch.zeros(shape, device=device)
+                flat.append(hook.stats[key])
+            count = torch.tensor([float(hook.samples)], device=device)
+            flat.append(count)
+            hook._count = count
+        distributed.average_(flat)
+        for hook in hooks:
+            hook.samples = float(hook._count)
+            del hook._count
+
+    def _move_optimizer_state(self) -> None:
+        for factor, state in self._optimizer.state.items():
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.device != factor.device and value.dim() > 0:
+                    state[key] = value.to(factor.device)
+
+    def refresh(self) -> None:
+        """Re-initialise P, Q from the current weights (seeded: identical on every process)."""
+        for name, hook in self._hooks.items():
+            if hook.P is None:
+                continue
+            W = hook.weight_matrix()
+            if not torch.isfinite(W).all():
+                self._skipped[name] += 1
+                continue
+            P, Q = self.rule.init(W, hook.rank, factor_generator(self.config.seed, name, self.num_steps))
+            hook.P.data.copy_(P)
+            hook.Q.data.copy_(Q)
+            if self._optimizer is not None:
+                self._optimizer.state.pop(hook.P, None)
+                self._optimizer.state.pop(hook.Q, None)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Exact backprop inside the block; LDFA again after it."""
+        previous = self.switch.enabled
+        self.switch.enabled = False
+        try:
+            yield
+        finally:
+            self.switch.enabled = previous
+
+    # -- introspection ---------------------------------------------------------------------------
+    @property
+    def targets(self) -> dict[str, Target]:
+        """Targeted layer name → ``Target(kind, shape=(m, n), rank)``."""
+        return dict(self._targets)
+
+    @property
+    def model(self) -> Optional[nn.Module]:
+        return self._model
+
+    def cost(self) -> dict:
+        """Estimated multiply-adds per training step in the targeted layers, backprop vs LDFA.
+
+        Uses the samples each layer saw in its last forward (1 if it has not run yet).
+        Layers whose input needs no gradient (e.g. the first layer) save nothing.
+        """
+        bp_backward = ldfa_backward = forward = rule_cost = 0
+        for name, hook in self._hooks.items():
+            m, n = self._targets[name].shape
+            r, N = hook.rank, max(hook.last_samples, 1)
+            forward += N * m * n
+            bp_backward += N * m * n * (2 if hook.input_needs_grad else 1)
+            if self.rule.exact:
+                ldfa_backward += N * m * n * (2 if hook.input_needs_grad else 1)
+                continue
+            ldfa_backward += N * m * n + (N * r * (m + n) if hook.input_needs_grad else 0)
+            if self.rule.name == "svd":
+                rule_cost += 2 * m * n * r
+            elif self.rule.name == "local":
+                rule_cost += N * r * (m + 2 * n)
+            elif self.rule.name == "oja":
+                rule_cost += N * r * (m + n) + m * r * r
+        ldfa_total = ldfa_backward + rule_cost
+        return {
+            "forward": forward,
+            "backward_bp": bp_backward,
+            "backward_ldfa": ldfa_total,
+            "rule": rule_cost,
+            "backward_saved": 1 - ldfa_total / bp_backward if bp_backward else 0.0,
+            "step_saved": (bp_backward - ldfa_total) / (forward + bp_backward) if bp_backward else 0.0,
+        }
+
+    def summary(self, print_fn: Optional[Callable[[str], Any]] = print) -> str:
+        """Print (and return) layers, ranks, feedback parameters and the estimated saving."""
+        lines = [f"LDFA rule={self.config.rule!r} rank={self.config.rank} on {len(self._hooks)} layers"]
+        width = max([len(n) for n in self._hooks] + [5])
+        lines.append(f"{'layer':<{width}}  {'kind':<7} {'m x n':>13} {'rank':>5} {'feedback':>10}")
+        feedback_params = 0
+        for name, target in self._targets.items():
+            m, n = target.shape
+            params = 0 if self.rule.exact else target.rank * (m + n)
+            feedback_params += params
+            lines.append(f"{name:<{width}}  {target.kind:<7} {f'{m} x {n}':>13} {target.rank:>5} {params:>10,}")
+        cost = self.cost()
+        lines.append(f"feedback parameters: {feedback_params:,}")
+        lines.append(
+            f"backward multiply-adds in targeted layers: {cost['backward_bp']:,} (backprop) -> "
+            f"{cost['backward_ldfa']:,} (LDFA, rule included): {100 * cost['backward_saved']:.1f}% saved, "
+            f"{100 * cost['step_saved']:.1f}% of their forward+backward"
+        )
+        text = "\n".join(lines)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    def stats(self, batch: Any = None, loss_fn: Optional[Callable[[Any], Tensor]] = None) -> dict:
+        """Per-layer diagnostics: relative feedback error ‖PQ − W‖/‖W‖, skipped updates and,
+        when ``batch`` is given, the angle (degrees) between LDFA's and backprop's gradient
+        at each layer's input. ``batch`` is passed to the model (``model(**batch)`` for a
+        mapping); the loss is ``loss_fn(output)`` or ``output.loss``.
+        """
+        layers = {}
+        for name, hook in self._hooks.items():
+            if self.rule.exact:
+                error = 0.0
+            else:
+                W = hook.weight_matrix().float()
+                norm = float(W.norm())
+                error = float((hook.P @ hook.Q - W).norm()) / norm if norm > 0 else float("nan")
+            layers[name] = {"feedback_error": error, "skipped": self._skipped[name]}
+        if batch is not None:
+            for name, angle in self._probe(batch, loss_fn).items():
+                layers[name]["angle"] = angle
+        errors = [v["feedback_error"] for v in layers.values() if math.isfinite(v["feedback_error"])]
+        angles = [v["angle"] for v in layers.values() if "angle" in v]
+        result = {
+            "step": self.num_steps,
+            "skipped_updates": sum(self._skipped.values()),
+            "mean_feedback_error": sum(errors) / len(errors) if errors else float("nan"),
+            "layers": layers,
+        }
+        if batch is not None:
+            result["mean_angle"] = sum(angles) / len(angles) if angles else float("nan")
+        return result
+
+    def _probe(self, batch: Any, loss_fn: Optional[Callable]) -> dict[str, float]:
+        """Input gradients under LDFA and under backprop, on the same batch, dropout masks and buffers."""
+        model = self._model
+        if model is None:
+            raise RuntimeError("stats(batch) needs an attached plugin")
+        buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+        devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
+        grads = {}
+        self.switch.probing, collecting = True, self.switch.collecting
+        self.switch.collecting = False
+        try:
+            with torch.random.fork_rng(devices=devices):
+                seed = torch.randint(0, 2**31 - 1, ()).item()
+                for mode in ("ldfa", "bp"):
+                    torch.manual_seed(seed)
+                    for hook in self._hooks.values():
+                        hook.probe_input = None
+                    context = self.disabled() if mode == "bp" else contextlib.nullcontext()
+                    with context, torch.enable_grad():
+                        output = model(**batch) if isinstance(batch, Mapping) else model(batch)
+                        loss = loss_fn(output) if loss_fn is not None else output.loss
+                        names = [n for n, h in self._hooks.items()
+                                 if h.probe_input is not None and h.probe_input.requires_grad]
+                        inputs = [self._hooks[n].probe_input for n in names]
+                        values = torch.autograd.grad(loss, inputs, allow_unused=True) if inputs else []
+                    grads[mode] = dict(zip(names, values))
+                    with torch.no_grad():
+                        for key, buf in model.named_buffers():
+                            buf.copy_(buffers[key])
+        finally:
+            self.switch.probing, self.switch.collecting = False, collecting
+            for hook in self._hooks.values():
+                hook.probe_input = None
+        angles = {}
+        for name, g in grads["ldfa"].items():
+            ref = grads["bp"].get(name)
+            if g is None or ref is None:
+                continue
+            cos = torch.nn.functional.cosine_similarity(g.flatten().double(), ref.flatten().double(), dim=0)
+            angles[name] = math.degrees(math.acos(max(-1.0, min(1.0, float(cos)))))
+        return angles
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """Factors, their optimizer state and the step counter, as a flat dict of tensors."""
+        state = {_STEP_KEY: torch.tensor(self.num_steps, dtype=torch.int64),
+                 _SKIPPED_KEY: torch.tensor([self._skipped[n] for n in self._hooks], dtype=torch.int64)}
+        for name, hook in self._hooks.items():
+            for label, factor in (("P", hook.P), ("Q", hook.Q)):
+                if factor is None:
+                    continue
+                state[f"{name}.{label}"] = factor.detach()
+                opt_state = self._optimizer.state.get(factor, {}) if self._optimizer is not None else {}
+                for key, value in opt_state.items():
+                    state[f"{name}.{label}.{key}"] = torch.as_tensor(value).detach()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore ``state_dict()`` output. Every key and shape is checked before anything changes."""
+        if not self._hooks:
+            raise RuntimeError("load_state_dict needs an attached plugin")
+        expected = {_STEP_KEY, _SKIPPED_KEY}
+        for name, hook in self._hooks.items():
+            for label, factor in (("P", hook.P), ("Q", hook.Q)):
+                if factor is not None:
+                    expected.add(f"{name}.{label}")
+                    if f"{name}.{label}" in state and tuple(state[f"{name}.{label}"].shape) != tuple(factor.shape):
+                        raise ValueError(
+                            f"LDFA state {name}.{label} has shape {tuple(state[f'{name}.{label}'].shape)}, "
+                            f"this model needs {tuple(factor.shape)} (different rank or model?)"
+                        )
+        optim_keys = {k for k in state if k.rsplit(".", 1)[0] in expected and k not in expected}
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected - optim_keys)
+        if missing or unexpected:
+            raise ValueError(
+                f"LDFA state does not match this model's targets: missing {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{' ...' if len(unexpected) > 5 else ''}"
+            )
+        if state[_SKIPPED_KEY].numel() != len(self._hooks):
+            raise ValueError("LDFA state has skipped-update counters for a different number of layers")
+        self.num_steps = int(state[_STEP_KEY])
+        self._skipped = dict(zip(self._hooks, (int(v) for v in state[_SKIPPED_KEY])))
+        for name, hook in self._hooks.items():
+            for label, factor in (("P", hook.P), ("Q", hook.Q)):
+                if factor is None:
+                    continue
+                factor.data.copy_(state[f"{name}.{label}"])
+                if self._optimizer is not None:
+                    prefix = f"{name}.{label}."
+                    restored = {k[len(prefix):]: v.to(factor.device) for k, v in state.items() if k.startswith(prefix)}
+                    if restored:
+                        self._optimizer.state[factor] = restored
+                    else:
+                        self._optimizer.state.pop(factor, None)
+            hook.clear_stats()
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
+        """Write ``ldfa_config.json`` and ``ldfa_state.safetensors`` into ``save_directory``."""
+        from safetensors.torch import save_file
+
+        self.config.save_pretrained(save_directory)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, os.path.join(save_directory, STATE_NAME), metadata={"format": "pt", "rule": self.config.rule})
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], model: nn.Module) -> "LDFAPlugin":
+        """Wrap ``model`` with the config and state saved in ``directory``.
+
+        A missing or unreadable file names itself; on any failure the model is left unwrapped.
+        """
+        config = LDFAConfig.from_pretrained(directory)
+        state = load_state_file(os.path.join(directory, STATE_NAME))
+        plugin = cls(config).attach(model)
+        try:
+            plugin.load_state_dict(state)
+        except (ValueError, KeyError) as err:
+            plugin.detach()
+            raise ValueError(f"{os.path.join(directory, STATE_NAME)}: {err}") from None
+        return plugin
+
+    def __repr__(self) -> str:
+        where = f"{len(self._hooks)} layers" if self._hooks else "detached"
+        return f"LDFAPlugin(rule={self.config.rule!r}, rank={self.config.rank}, {where}, step={self.num_steps})"
+
+
+def load_state_file(path: Union[str, os.PathLike]) -> dict[str, Tensor]:
+    """Read a plugin state file; missing or corrupt files are named in the error."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LDFA state file not found: {path}")
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"LDFA state file {path} is corrupt or not a safetensors file: {err}") from None
+
+
+def wrap(model: nn.Module, config: Optional[LDFAConfig] = None) -> LDFAPlugin:
+    """Attach LDFA to ``model`` in place and return the plugin.
+
+    Example:
+        >>> plugin = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=16))
+        >>> loss.backward(); optimizer.step(); plugin.step()
+    """
+    return LDFAPlugin(config).attach(model)

@@ -1,0 +1,195 @@
+"""Feedback rules: how P and Q start and how they learn (LDFA_SPEC §3).
+
+A rule says which statistics the backward hook must gather, turns them (or the
+layer's weight) into gradients for P and Q, and the plugin's AdamW applies them.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def factor_generator(seed: int, name: str, step: int) -> torch.Generator:
+    """Same seed on every process and every run: the name's CRC, not Python's salted hash."""
+    mixed = (seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + step) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def truncated_svd(W: Tensor, r: int, generator: torch.Generator, oversample: int = 8, power_iters: int = 2):
+    """Top-r singular triplets of W; randomised (Halko et al.) when r is well below min(m, n)."""
+    W = W.float()
+    m, n = W.shape
+    k = min(r + oversample, m, n)
+    if 2 * k >= min(m, n):
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return U[:, :r], S[:r], Vh[:r]
+    sketch = torch.randn(n, k, generator=generator).to(W.device)
+    Y = W @ sketch
+    for _ in range(power_iters):
+        Y = W @ (W.T @ torch.linalg.qr(Y).Q)
+    basis = torch.linalg.qr(Y).Q
+    Ub, S, Vh = torch.linalg.svd(basis.T @ W, full_matrices=False)
+    return (basis @ Ub)[:, :r], S[:r], Vh[:r]
+
+
+def svd_factors(W: Tensor, r: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``P = U_r S_r^½``, ``Q = S_r^½ V_rᵀ``: the best rank-r approximation of W, split evenly."""
+    U, S, Vh = truncated_svd(W, r, generator)
+    root = S.sqrt()
+    return (U * root).contiguous(), (root[:, None] * Vh).contiguous()
+
+
+def random_factors(W: Tensor, r: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Gaussian P, Q scaled so that ‖P Q‖ = ‖W‖ (task-agnostic feedback)."""
+    m, n = W.shape
+    P = torch.randn(m, r, generator=generator) / r**0.5
+    Q = torch.randn(r, n, generator=generator) / n**0.5
+    target = float(W.float().norm())
+    if target > 0:
+        scale = (target / float((P @ Q).norm())) ** 0.5
+        P, Q = P * scale, Q * scale
+    return P.to(W.device), Q.to(W.device)
+
+
+class Rule:
+    """Base rule: fixed factors, no statistics, no training."""
+
+    name = ""
+    exact = False       # backward uses W itself (bp)
+    trains = False      # P, Q have an optimizer
+    refreshes = False   # re-initialised from W every ``refresh_every`` steps
+    lr = 0.0
+    weight_decay = 0.0
+    error_clip: Optional[float] = None
+    grad_clip: Optional[float] = None
+
+    @property
+    def needs(self) -> bool:
+        """Whether the backward hook gathers statistics for this rule."""
+        return bool(self.stat_shapes(1, 1, 1))
+
+    def init(self, W: Tensor, r: int, generator: torch.Generator):
+        return random_factors(W, r, generator)
+
+    def stat_shapes(self, m: int, n: int, r: int) -> dict:
+        return {}
+
+    def statistics(self, kind, module, g, z, x, P, Q) -> dict:
+        return {}
+
+    def gradients(self, hook) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class BP(Rule):
+    """Exact backprop through the same hooks (``P Q ≡ W``): the A/B reference."""
+
+    name = "bp"
+    exact = True
+
+    def init(self, W, r, generator):
+        return None, None
+
+
+class Fixed(Rule):
+    """Random low-rank feedback, never updated: the ablation."""
+
+    name = "fixed"
+
+
+class FA(Fixed):
+    """Classic Feedback Alignment: fixed random feedback at full rank."""
+
+    name = "fa"
+
+
+class SVD(Rule):
+    """P Q tracks the best rank-r approximation of W (the paper's v4 default)."""
+
+    name = "svd"
+    trains = True
+    refreshes = True
+    lr = 0.015
+    weight_decay = 0.0
+    grad_clip = 1.0
+
+    def init(self, W, r, generator):
+        return svd_factors(W, r, generator)
+
+    def gradients(self, hook):
+        # ∇ of ½‖PQ − W‖² without forming PQ: 2·m·n·r multiply-adds.
+        W, P, Q = hook.weight_matrix().float(), hook.P, hook.Q
+        grad_P = P @ (Q @ Q.T) - W @ Q.T
+        grad_Q = (P.T @ P) @ Q - P.T @ W
+        return grad_P, grad_Q
+
+
+class Local(Rule):
+    """Synapse-local: descend the task loss as if W were P Q (v4 "bio")."""
+
+    name = "local"
+    trains = True
+    lr = 5e-4
+    weight_decay = 0.1
+
+    def init(self, W, r, generator):
+        return svd_factors(W, r, generator)
+
+    def stat_shapes(self, m, n, r):
+        return {"delta_xq": (m, r), "z_x": (r, n)}
+
+    def statistics(self, kind, module, g, z, x, P, Q):
+        return {
+            "delta_xq": kind.rows(g).T @ kind.x_q(x, Q, module).to(g.dtype),
+            "z_x": kind.z_x(z, x, module, Q),
+        }
+
+    def gradients(self, hook):
+        return hook.stats["delta_xq"], hook.stats["z_x"]
+
+
+class Oja(Rule):
+    """Oja's subspace rule on the error stream for P, Kolen–Pollack for Q (v1–v3)."""
+
+    name = "oja"
+    trains = True
+    lr = 1e-3
+    weight_decay = 1e-4
+    error_clip = 1.0
+
+    def init(self, W, r, generator):
+        U, S, Vh = truncated_svd(W, r, generator)
+        return U.contiguous(), (S[:, None] * Vh).contiguous()
+
+    def stat_shapes(self, m, n, r):
+        return {"delta_z": (m, r), "delta_sum": (m,), "delta_sq": (m,), "z_x": (r, n)}
+
+    def statistics(self, kind, module, g, z, x, P, Q):
+        d = kind.rows(g).float()
+        return {
+            "delta_z": d.T @ kind.rows(z).float(),
+            "delta_sum": d.sum(0),
+            "delta_sq": (d * d).sum(0),
+            "z_x": kind.z_x(z, x, module, Q),
+        }
+
+    def gradients(self, hook):
+        s, N, P = hook.stats, float(hook.samples), hook.P
+        mean = s["delta_sum"] / N
+        var = (s["delta_sq"] / N - mean * mean).clamp_min(0)
+        scale = var.sqrt().max() + 1e-8
+        # C P with C the covariance of the standardised errors Δ = (δ − mean) / scale
+        CP = (s["delta_z"] - N * mean[:, None] * (mean @ P)[None, :]) / (N * scale * scale)
+        grad_P = -(CP - P @ (P.T @ CP))
+        return grad_P, s["z_x"]
+
+
+RULES = {rule.name: rule for rule in (SVD, Local, Oja, Fixed, FA, BP)}
+
+
+def make_rule(name: str) -> Rule:
+    return RULES[name]()

@@ -1,0 +1,128 @@
+"""Which layers of a model get LDFA feedback, decided before anything is attached.
+
+Like PEFT's target matching: every check runs first, and a spec that matches nothing
+raises one error naming what was looked for and what the model has.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple, Optional, Union
+
+from torch import nn
+
+from .config import LDFAConfig
+from .layers import Conv2dKind, kind_of
+
+
+class Target(NamedTuple):
+    """One targeted layer: its kind, weight shape as ``(m, n)`` and the rank it uses."""
+
+    kind: str
+    shape: tuple
+    rank: int
+
+
+def _matches(name: str, spec: Union[str, list, None]) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def _adapter_names(model: nn.Module) -> set:
+    """Names of PEFT adapter sub-layers (lora_A, lora_B, ...): their gradients stay exact."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return set()
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            for child_name, child in module.named_modules():
+                if child_name and not child_name.startswith("base_layer"):
+                    names.add(f"{name}.{child_name}" if name else child_name)
+    return names
+
+
+def rank_for(name: str, shape: tuple, config: LDFAConfig) -> int:
+    """``min(rank, m, n)``; ``rank_pattern`` overrides by exact name, suffix or regex.
+
+    ``fa`` is full-rank random feedback, so it always uses ``min(m, n)``.
+    """
+    m, n = shape
+    if config.rule == "fa" or config.rule == "bp":
+        return min(m, n)
+    rank = config.rank
+    for key, value in config.rank_pattern.items():
+        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
+            rank = value
+            break
+    return min(rank, m, n)
+
+
+def find_targets(model: nn.Module, config: LDFAConfig) -> dict[str, tuple[nn.Module, object, Target]]:
+    """Map module name → (module, layer kind, Target) for every layer LDFA will hook."""
+    adapters = _adapter_names(model)
+    supported, unsupported_hits = {}, []
+    for name, module in model.named_modules():
+        if name in adapters:
+            continue
+        kind = kind_of(module)
+        if kind is None:
+            if name and config.target_modules != "all-linear" and _matches(name, config.target_modules):
+                unsupported_hits.append(f"{name} ({type(module).__name__})")
+            continue
+        supported[name] = (module, kind)
+
+    if not supported:
+        raise ValueError(
+            f"{type(model).__name__} has no layer LDFA can target "
+            "(nn.Linear, GPT-2 Conv1D, or nn.Conv2d with groups == 1 and zero padding)"
+        )
+
+    if config.target_modules == "all-linear":
+        chosen = {
+            n: mk for n, mk in supported.items() if mk[1] is not Conv2dKind or config.include_conv
+        }
+    else:
+        chosen = {n: mk for n, mk in supported.items() if _matches(n, config.target_modules)}
+    if not chosen:
+        available = ", ".join(list(supported)[:12]) + (" ..." if len(supported) > 12 else "")
+        extra = f"; it matched only layers LDFA does not target: {', '.join(unsupported_hits[:6])}" if unsupported_hits else ""
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no targetable layer{extra}. "
+            f"Targetable layers are: {available}"
+        )
+    kept = {n: mk for n, mk in chosen.items() if not _matches(n, config.exclude_modules)}
+    if not kept:
+        raise ValueError(
+            f"exclude_modules={config.exclude_modules!r} excludes every one of the "
+            f"{len(chosen)} layers matched by target_modules={config.target_modules!r}"
+        )
+    result = {}
+    for name, (module, kind) in kept.items():
+        shape = kind.shape(module)
+        result[name] = (module, kind, Target(kind.name, shape, rank_for(name, shape, config)))
+    return result
+
+
+def unmatched_rank_patterns(targets: dict, config: LDFAConfig) -> list:
+    """``rank_pattern`` keys that name no targeted layer (almost always a typo)."""
+    missing = []
+    for key in config.rank_pattern:
+        if not any(n == key or n.endswith("." + key) or re.fullmatch(key, n) for n in targets):
+            missing.append(key)
+    return missing
+
+
+def existing_hook_owner(model: nn.Module) -> Optional[str]:
+    """Name of a module already carrying an LDFA hook, if any."""
+    from .feedback import FeedbackHook
+
+    for name, module in model.named_modules():
+        for hook in list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values()):
+            if isinstance(getattr(hook, "__self__", None), FeedbackHook):
+                return name or "<root>"
+    return None
