@@ -1,0 +1,1 @@
+"""Experiments and measurements for ldfa_hf; run each with ``python -m benchmarks.<name>``."""
