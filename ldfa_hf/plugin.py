@@ -130,7 +130,7 @@ class LDFAPlugin:
         lr = self.rule.lr if self.config.feedback_lr is None else self.config.feedback_lr
         wd = self.rule.weight_decay if self.config.feedback_weight_decay is None else self.config.feedback_weight_decay
         factors = [t for hook in self._hooks.values() for t in (hook.P, hook.Q)]
-        return torch.optim.AdamW(factors, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(factors, lr=lr, weight_decay=wd, foreach=True)
 
     def _factors(self) -> list[Tensor]:
         return [t for hook in self._hooks.values() for t in (hook.P, hook.Q) if t is not None]
@@ -164,30 +164,40 @@ class LDFAPlugin:
         hooks = list(self._hooks.values())
         if self.rule.needs:
             self._average_statistics(hooks)
-        updated = False
-        for hook in hooks:
-            if self.rule.needs and hook.samples == 0:
-                continue  # layer not used since the last step
-            grads = self.rule.gradients(hook)
-            if not all(torch.isfinite(g).all() for g in grads):
-                self._skipped[hook.name] += 1
-                if not self._warned_nonfinite:
-                    warnings.warn(
-                        f"LDFA: non-finite feedback statistics in {hook.name!r}; its update was skipped "
-                        "(counted in plugin.stats()['skipped_updates'], warned once)",
-                        stacklevel=3,
-                    )
-                    self._warned_nonfinite = True
+            hooks = [hook for hook in hooks if hook.samples > 0]  # skip layers unused since the last step
+        if not hooks:
+            return
+        grads = self.rule.all_gradients(hooks)
+        flat = [g for pair in grads for g in pair]
+        # one fused finiteness check (a non-finite entry makes the norm non-finite), one sync
+        finite = torch.stack(torch._foreach_norm(flat)).isfinite().view(-1, 2).all(1).tolist()
+        kept = []
+        for hook, pair, ok in zip(hooks, grads, finite):
+            if not ok:
+                self._skip(hook.name)
                 continue
-            if self.rule.grad_clip is not None:
-                grads = [g.clamp(-self.rule.grad_clip, self.rule.grad_clip) for g in grads]
-            hook.P.grad, hook.Q.grad = grads
-            updated = True
-        if updated:
-            self._move_optimizer_state()
-            self._optimizer.step()
+            hook.P.grad, hook.Q.grad = pair
+            kept += pair
+        if not kept:
+            return
+        if self.rule.grad_clip is not None:
+            torch._foreach_clamp_min_(kept, -self.rule.grad_clip)
+            torch._foreach_clamp_max_(kept, self.rule.grad_clip)
+        self._move_optimizer_state()
+        self._optimizer.step()
         for hook in hooks:
             hook.P.grad = hook.Q.grad = None
+
+    def _skip(self, name: str) -> None:
+        """Count a skipped update; warn the first time only."""
+        self._skipped[name] += 1
+        if not self._warned_nonfinite:
+            warnings.warn(
+                f"LDFA: non-finite feedback statistics in {name!r}; its update was skipped "
+                "(counted in plugin.stats()['skipped_updates'], warned once)",
+                stacklevel=4,
+            )
+            self._warned_nonfinite = True
 
     def _average_statistics(self, hooks: list[FeedbackHook]) -> None:
         """Same statistics on every process: pad absent ones with zeros, then one all-reduce."""
@@ -210,6 +220,7 @@ class LDFAPlugin:
             del hook._count
 
     def _move_optimizer_state(self) -> None:
+        """Optimizer state follows factors that followed their module to another device."""
         for factor, state in self._optimizer.state.items():
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.device != factor.device and value.dim() > 0:
@@ -222,7 +233,7 @@ class LDFAPlugin:
                 continue
             W = hook.weight_matrix()
             if not torch.isfinite(W).all():
-                self._skipped[name] += 1
+                self._skip(name)
                 continue
             P, Q = self.rule.init(W, hook.rank, factor_generator(self.config.seed, name, self.num_steps))
             hook.P.data.copy_(P)

@@ -84,6 +84,10 @@ class Rule:
     def gradients(self, hook) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def all_gradients(self, hooks: list) -> list[tuple[Tensor, Tensor]]:
+        """Gradients for every hook, in order (rules may batch same-shaped layers)."""
+        return [self.gradients(hook) for hook in hooks]
+
 
 class BP(Rule):
     """Exact backprop through the same hooks (``P Q ≡ W``): the A/B reference."""
@@ -120,12 +124,32 @@ class SVD(Rule):
     def init(self, W, r, generator):
         return svd_factors(W, r, generator)
 
-    def gradients(self, hook):
-        # ∇ of ½‖PQ − W‖² without forming PQ: 2·m·n·r multiply-adds.
-        W, P, Q = hook.weight_matrix().float(), hook.P, hook.Q
-        grad_P = P @ (Q @ Q.T) - W @ Q.T
-        grad_Q = (P.T @ P) @ Q - P.T @ W
+    @staticmethod
+    def _descent(W: Tensor, P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+        # ∇ of ½‖PQ − W‖² without forming PQ: 2·m·n·r multiply-adds (batched or not).
+        grad_P = torch.baddbmm(P @ (Q @ Q.mT), W, Q.mT, alpha=-1) if W.dim() == 3 else torch.addmm(P @ (Q @ Q.T), W, Q.T, alpha=-1)
+        grad_Q = torch.baddbmm((P.mT @ P) @ Q, P.mT, W, alpha=-1) if W.dim() == 3 else torch.addmm((P.T @ P) @ Q, P.T, W, alpha=-1)
         return grad_P, grad_Q
+
+    def gradients(self, hook):
+        return self._descent(hook.weight_matrix().float(), hook.P, hook.Q)
+
+    def all_gradients(self, hooks):
+        """Same-shaped layers (q/k/v/o, every block's MLP) share one batched matmul."""
+        groups: dict = {}
+        for i, hook in enumerate(hooks):
+            groups.setdefault((tuple(hook.P.shape), tuple(hook.Q.shape), hook.P.device), []).append(i)
+        out = [None] * len(hooks)
+        for members in groups.values():
+            if len(members) == 1:
+                out[members[0]] = self.gradients(hooks[members[0]])
+                continue
+            W = torch.stack([hooks[i].weight_matrix().float() for i in members])
+            P = torch.stack([hooks[i].P for i in members])
+            Q = torch.stack([hooks[i].Q for i in members])
+            for i, gP, gQ in zip(members, *self._descent(W, P, Q)):
+                out[i] = (gP, gQ)
+        return out
 
 
 class Local(Rule):

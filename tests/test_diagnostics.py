@@ -1,0 +1,86 @@
+"""summary() and stats(): feedback error, probed gradient angles, the FLOP estimate."""
+
+import math
+
+import torch
+from torch import nn
+
+import ldfa_hf
+from ldfa_hf import LDFAConfig
+
+from conftest import batch_for, tiny_llama, tiny_vit
+
+
+def test_summary_lists_layers_ranks_and_saving():
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rank=8))
+    model(torch.randn(64, 256)).sum().backward()
+    lines = []
+    text = plugin.summary(print_fn=lines.append)
+    assert lines == [text]
+    for name in ("0", "2", "4"):
+        assert any(line.startswith(name + " ") for line in text.splitlines())
+    assert "feedback parameters: 10,320" in text  # 8·512 + 8·512 + 8·266
+    cost = plugin.cost()
+    N, mn = 64, 256 * 256
+    # layer 0's input needs no gradient, so backprop skips it too and nothing is saved there
+    assert cost["backward_bp"] == N * mn + 2 * N * mn + 2 * N * 2560
+    rule = 2 * 8 * (2 * mn + 2560)  # svd descent: 2·m·n·r per layer and step
+    assert cost["backward_ldfa"] == N * mn + (N * mn + N * 8 * 512) + (N * 2560 + N * 8 * 266) + rule
+    assert f"{100 * cost['backward_saved']:.1f}% saved" in text
+
+
+def test_bp_rule_saves_nothing():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 4))
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="bp"))
+    assert plugin.cost()["backward_saved"] == 0.0
+
+
+def test_feedback_error_is_the_eckart_young_residual():
+    torch.manual_seed(0)
+    layer = nn.Linear(20, 12)
+    plugin = ldfa_hf.wrap(layer, LDFAConfig(rank=4))
+    s = torch.linalg.svdvals(layer.weight.detach())
+    expected = float(s[4:].norm() / s.norm())
+    assert math.isclose(plugin.stats()["layers"][""]["feedback_error"], expected, rel_tol=1e-4)
+    plugin.detach()
+    assert ldfa_hf.wrap(layer, LDFAConfig(rule="bp")).stats()["mean_feedback_error"] == 0.0
+
+
+def test_svd_descent_tracks_a_moving_weight():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    plugin = ldfa_hf.wrap(layer, LDFAConfig(rank=8, refresh_every=None))
+    best = lambda: float(torch.linalg.svdvals(layer.weight.detach())[8:].norm() / layer.weight.detach().norm())
+    drift = torch.randn(48, 64) * 0.002
+    for _ in range(100):
+        with torch.no_grad():
+            layer.weight += drift
+        plugin.step()
+    assert plugin.stats()["mean_feedback_error"] < best() + 0.05
+
+
+def test_probed_angles_zero_for_bp_and_positive_for_fixed_low_rank():
+    torch.manual_seed(0)
+    model, batch = tiny_llama(), batch_for("llama")
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="bp"))
+    stats = plugin.stats(batch)
+    assert stats["mean_angle"] < 1e-2
+    plugin.detach()
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="fixed", rank=1))
+    stats = plugin.stats(batch)
+    assert stats["mean_angle"] > 10
+    assert all(p.grad is None for p in model.parameters())  # probing leaves .grad alone
+    assert all(h.samples == 0 for h in plugin._hooks.values())
+
+
+def test_probe_keeps_buffers_and_uses_the_same_dropout_mask():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 3))
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="bp"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(32, 8, requires_grad=True)
+    stats = plugin.stats(x, loss_fn=lambda out: out.square().mean())
+    assert stats["layers"]["3"]["angle"] < 1e-2  # same mask in both passes
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -1,0 +1,148 @@
+"""LDFA under bf16 autocast, torch.compile, gradient checkpointing, eval / no_grad, disabled()."""
+
+import pytest
+import torch
+from torch import nn
+
+import ldfa_hf
+from ldfa_hf import LDFAConfig
+
+from conftest import batch_for, clone, param_grads, rel_err, tiny_gpt2, tiny_llama, tiny_vit
+
+
+def _stats(plugin):
+    return {n: ({k: v.clone() for k, v in h.stats.items()}, h.samples) for n, h in plugin._hooks.items()}
+
+
+def test_bf16_autocast_trains_and_keeps_float32_factors():
+    torch.manual_seed(0)
+    model, batch = tiny_llama(), batch_for("llama")
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="local", rank=4))
+    before = {n: h.P.clone() for n, h in plugin._hooks.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() and g.dtype == torch.float32 for g in grads)
+    plugin.step()
+    for name, hook in plugin._hooks.items():
+        assert hook.P.dtype == torch.float32 and hook.Q.dtype == torch.float32
+        assert not torch.equal(hook.P, before[name])
+    assert plugin.stats()["skipped_updates"] == 0
+
+
+def test_bf16_autocast_bp_rule_matches_unwrapped_autocast():
+    torch.manual_seed(0)
+    model, batch = tiny_vit(), batch_for("vit")
+    reference = clone(model)
+    ldfa_hf.wrap(model, LDFAConfig(rule="bp"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = param_grads(model, batch)
+        expected = param_grads(reference, batch)
+    for key in expected:
+        assert rel_err(got[key], expected[key]) < 2e-2, key
+
+
+@pytest.mark.parametrize("rule", ["local", "svd"])
+def test_torch_compile_aot_eager_matches_eager(rule):
+    torch.manual_seed(0)
+    model, batch = tiny_gpt2(), batch_for("gpt2")
+    eager = clone(model)
+    compiled_plugin = ldfa_hf.wrap(model, LDFAConfig(rule=rule, rank=4))
+    eager_plugin = ldfa_hf.wrap(eager, LDFAConfig(rule=rule, rank=4))
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(**batch).loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    expected = param_grads(eager, batch)
+    for key in expected:
+        assert rel_err(got[key], expected[key]) < 1e-5, key
+    got_stats, expected_stats = _stats(compiled_plugin), _stats(eager_plugin)
+    for name, (stats, samples) in expected_stats.items():
+        assert got_stats[name][1] == samples
+        for key in stats:
+            assert rel_err(got_stats[name][0][key], stats[key]) < 1e-5
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_counts_statistics_once(reentrant):
+    torch.manual_seed(0)
+    model, batch = tiny_llama(), batch_for("llama")
+    checkpointed = clone(model)
+    plain_plugin = ldfa_hf.wrap(model, LDFAConfig(rule="oja", rank=4))
+    ckpt_plugin = ldfa_hf.wrap(checkpointed, LDFAConfig(rule="oja", rank=4))
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed.train()
+    expected = param_grads(model, batch)
+    got = param_grads(checkpointed, batch)
+    for key in expected:
+        assert rel_err(got[key], expected[key]) < 1e-5, key
+    plain, ckpt = _stats(plain_plugin), _stats(ckpt_plugin)
+    for name, (stats, samples) in plain.items():
+        assert ckpt[name][1] == samples, name  # counted once, not once per forward
+        for key in stats:
+            assert rel_err(ckpt[name][0][key], stats[key]) < 1e-5
+
+
+def test_no_grad_inference_adds_nothing():
+    torch.manual_seed(0)
+    model, batch = tiny_llama(), batch_for("llama")
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="local", rank=4))
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.logits.grad_fn is None
+    assert all(h.samples == 0 and not h.stats and h._x is None for h in plugin._hooks.values())
+
+
+def test_eval_mode_gathers_no_statistics_but_keeps_feedback():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 5)
+    plugin = ldfa_hf.wrap(layer, LDFAConfig(rule="local", rank=2))
+    layer.eval()
+    x = torch.randn(3, 6, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).sum(), x)
+    hook = plugin._hooks[""]
+    assert hook.samples == 0 and not hook.stats
+    assert rel_err(gx, torch.ones(3, 5) @ hook.P @ hook.Q) < 1e-6
+
+
+def test_disabled_is_exact_backprop_and_reenables():
+    torch.manual_seed(0)
+    model, batch = tiny_vit(), batch_for("vit")
+    reference = clone(model)
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="fixed", rank=2))
+    with plugin.disabled():
+        got = param_grads(model, batch)
+    expected = param_grads(reference, batch)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    assert any(rel_err(v, expected[k]) > 1e-3 for k, v in param_grads(model, batch).items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_factors_follow_the_module_device():
+    layer = nn.Linear(4, 3)
+    plugin = ldfa_hf.wrap(layer, LDFAConfig(rule="local", rank=2))
+    hook = plugin._hooks[""]
+    P = hook.P
+    layer.cuda()
+    x = torch.randn(5, 4, device="cuda", requires_grad=True)
+    layer(x).sum().backward()
+    plugin.step()
+    assert hook.P is P and P.device.type == "cuda" and hook.Q.device.type == "cuda"
+
+
+def test_gradient_accumulation_sums_statistics():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 5)
+    plugin = ldfa_hf.wrap(layer, LDFAConfig(rule="local", rank=2))
+    x = torch.randn(8, 6, requires_grad=True)
+    (layer(x) ** 2).sum().backward()
+    whole = _stats(plugin)[""]
+    plugin._hooks[""].clear_stats()
+    for part in x.split(4):
+        (layer(part) ** 2).sum().backward()
+    halves = _stats(plugin)[""]
+    assert halves[1] == whole[1] == 8
+    for key in whole[0]:
+        assert rel_err(halves[0][key], whole[0][key]) < 1e-5

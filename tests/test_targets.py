@@ -1,0 +1,84 @@
+"""Which layers get feedback: all-linear, lists of suffixes, regexes, exclusions, ranks."""
+
+import pytest
+import torch
+from torch import nn
+
+import ldfa_hf
+from ldfa_hf import LDFAConfig
+
+from conftest import tiny_bert, tiny_convnext, tiny_gpt2, tiny_llama
+
+
+def test_all_linear_includes_the_output_head():
+    plugin = ldfa_hf.wrap(tiny_llama(), LDFAConfig(rank=4))
+    assert "lm_head" in plugin.targets
+    assert len(plugin.targets) == 2 * 7 + 1  # q k v o gate up down per layer, plus the head
+
+
+def test_gpt2_conv1d_layers_and_tied_head():
+    plugin = ldfa_hf.wrap(tiny_gpt2(), LDFAConfig(rank=4))
+    kinds = {n: t.kind for n, t in plugin.targets.items()}
+    assert kinds["transformer.h.0.attn.c_attn"] == "conv1d" and kinds["lm_head"] == "linear"
+    assert plugin.targets["transformer.h.0.attn.c_attn"].shape == (48, 16)
+
+
+def test_convnext_convs_with_and_without_include_conv():
+    model = tiny_convnext()
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rank=4))
+    kinds = {n: t.kind for n, t in plugin.targets.items()}
+    assert kinds["convnext.embeddings.patch_embeddings"] == "conv2d"
+    assert not any("dwconv" in n for n in kinds)  # depthwise stays exact
+    plugin.detach()
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rank=4, include_conv=False))
+    assert all(t.kind == "linear" for t in plugin.targets.values())
+
+
+def test_list_matches_exact_names_and_suffixes():
+    plugin = ldfa_hf.wrap(tiny_llama(), LDFAConfig(target_modules=["q_proj", "model.layers.1.mlp.down_proj"]))
+    assert sorted(plugin.targets) == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+                                      "model.layers.1.self_attn.q_proj"]
+
+
+def test_regex_matches_the_whole_name():
+    plugin = ldfa_hf.wrap(tiny_llama(), LDFAConfig(target_modules=r".*\.layers\.0\..*_proj"))
+    assert len(plugin.targets) == 7 and all(".layers.0." in n for n in plugin.targets)
+    with pytest.raises(ValueError):  # fullmatch: a partial match is no match
+        ldfa_hf.wrap(tiny_llama(), LDFAConfig(target_modules=r"q_proj"))
+
+
+def test_exclude_modules():
+    plugin = ldfa_hf.wrap(tiny_bert(), LDFAConfig(exclude_modules=["classifier", "pooler.dense"]))
+    assert "classifier" not in plugin.targets and "bert.pooler.dense" not in plugin.targets
+    assert "bert.encoder.layer.0.attention.self.query" in plugin.targets
+
+
+def test_rank_is_capped_and_pattern_overrides():
+    model = nn.Sequential(nn.Linear(10, 3), nn.Linear(3, 50), nn.Linear(50, 40))
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rank=8, rank_pattern={"2": 30}))
+    assert [t.rank for t in plugin.targets.values()] == [3, 3, 30]
+    assert plugin._hooks["2"].P.shape == (40, 30) and plugin._hooks["2"].Q.shape == (30, 50)
+
+
+def test_unmatched_rank_pattern_warns():
+    with pytest.warns(UserWarning, match="rank_pattern keys \\['qkv'\\] match no targeted layer"):
+        ldfa_hf.wrap(nn.Linear(4, 4), LDFAConfig(rank_pattern={"qkv": 3}))
+
+
+def test_fa_is_full_rank_and_fixed_is_not_updated():
+    model = nn.Sequential(nn.Linear(10, 6), nn.Linear(6, 4))
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="fa", rank=2))
+    assert [t.rank for t in plugin.targets.values()] == [6, 4]
+    before = [h.P.clone() for h in plugin._hooks.values()]
+    model(torch.randn(3, 10, requires_grad=True)).sum().backward()
+    plugin.step()
+    assert all(torch.equal(b, h.P) for b, h in zip(before, plugin._hooks.values()))
+
+
+def test_plain_sequential_and_kwarg_inputs():
+    model = nn.Sequential(nn.Linear(4, 5))
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rank=2))
+    x = torch.randn(2, 4, requires_grad=True)
+    (gx,) = torch.autograd.grad(model[0](input=x).sum(), x)
+    hook = plugin._hooks["0"]
+    assert torch.allclose(gx, torch.ones(2, 5) @ hook.P @ hook.Q, atol=1e-6)
