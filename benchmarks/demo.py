@@ -28,19 +28,21 @@ def digits(seed: int = 0):
     return (x[order[:cut]], y[order[:cut]]), (x[order[cut:]], y[order[cut:]])
 
 
-def small_vit(seed: int):
+def small_vit(seed: int, hidden: int = 256, layers: int = 4):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=128, num_hidden_layers=4,
-                       num_attention_heads=4, intermediate_size=256, num_labels=10,
+    config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=hidden, num_hidden_layers=layers,
+                       num_attention_heads=4, intermediate_size=2 * hidden, num_labels=10,
                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return ViTForImageClassification(config)
 
 
-def train(method: str, epochs: int, batch_size: int, seed: int, rank: int) -> dict:
+def train(method: str, epochs: int, batch_size: int, seed: int, rank: int, tiny: bool = False) -> dict:
     (x_train, y_train), (x_test, y_test) = digits()
-    model = small_vit(seed)
+    if tiny:
+        x_train, y_train = x_train[:256], y_train[:256]
+    model = small_vit(seed, *((32, 1) if tiny else (256, 4)))
     plugin = None if method == "bp" else ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="svd", seed=seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     gen = torch.Generator().manual_seed(seed)
@@ -58,7 +60,7 @@ def train(method: str, epochs: int, batch_size: int, seed: int, rank: int) -> di
             if plugin is not None:
                 plugin.step()
             step_times.append(time.perf_counter() - t0)
-            curve.append(float(loss))
+            curve.append(loss.item())
     model.eval()
     with torch.no_grad():
         accuracy = float((model(pixel_values=x_test).logits.argmax(-1) == y_test).float().mean())
@@ -92,16 +94,18 @@ def plot(results: list[dict], path: str) -> str | None:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rank", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default="ldfa_demo.png", help="where to write the loss-curve plot")
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long run, for the tests")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.tiny:
+        args.epochs = 1
     results = []
     for method in ("bp", "ldfa"):
-        result = train(method, args.epochs, args.batch_size, args.seed, args.rank)
+        result = train(method, args.epochs, args.batch_size, args.seed, args.rank, args.tiny)
         result["label"] = "backprop" if method == "bp" else f"LDFA svd r={args.rank}"
         results.append(result)
     bp_time = results[0]["step_s"]

@@ -120,6 +120,7 @@ class SVD(Rule):
     lr = 0.015
     weight_decay = 0.0
     grad_clip = 1.0
+    batch_below = 512 * 512  # weight entries under which same-shaped layers are batched
 
     def init(self, W, r, generator):
         return svd_factors(W, r, generator)
@@ -135,10 +136,13 @@ class SVD(Rule):
         return self._descent(hook.weight_matrix().float(), hook.P, hook.Q)
 
     def all_gradients(self, hooks):
-        """Same-shaped layers (q/k/v/o, every block's MLP) share one batched matmul."""
+        """Small same-shaped layers share one batched matmul (per-call overhead dominates
+        there); large ones go one by one, since stacking would copy every W."""
         groups: dict = {}
         for i, hook in enumerate(hooks):
-            groups.setdefault((tuple(hook.P.shape), tuple(hook.Q.shape), hook.P.device), []).append(i)
+            m, n = hook.P.shape[0], hook.Q.shape[1]
+            key = (m, n, hook.rank, hook.P.device) if m * n <= self.batch_below else i
+            groups.setdefault(key, []).append(i)
         out = [None] * len(hooks)
         for members in groups.values():
             if len(members) == 1:

@@ -1,0 +1,29 @@
+"""Every experiment and the demo run in a tiny mode (their numbers are not asserted here)."""
+
+import os
+
+from benchmarks import demo, speed
+
+
+def test_demo_tiny_prints_table_and_writes_plot(tmp_path, capsys):
+    plot = tmp_path / "demo.png"
+    results = demo.main(["--tiny", "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert "backprop" in out and "LDFA svd r=10" in out and "speed-up" in out
+    assert [r["method"] for r in results] == ["bp", "ldfa"]
+    assert os.path.getsize(plot) > 1000
+
+
+def test_speed_tiny_reports_ratios_and_memory(tmp_path, capsys):
+    out_csv = tmp_path / "speed.csv"
+    (result,) = speed.main(["--tiny", "--cases", "mlp", "--out", str(out_csv)])
+    assert set(result["step_s"]) == {"backprop", "ldfa", "bp-rule"}
+    assert result["speedup_ldfa"] > 0 and result["memory_bytes"]["backprop"] >= 0
+    assert out_csv.read_text().startswith("case,device,rank")
+
+
+def test_cli_dispatch(capsys):
+    from ldfa_hf import cli
+
+    cli.main(["bench", "teacher_student", "--tiny"])
+    assert "svd" in capsys.readouterr().out
