@@ -5,10 +5,11 @@
     >>> loss.backward(); optimizer.step(); plugin.step()
 """
 
+from .callback import LDFACallback
 from .config import LDFAConfig
 from .plugin import LDFAPlugin, wrap
 from .targets import Target
 
 __version__ = "0.1.0"
 
-__all__ = ["LDFAConfig", "LDFAPlugin", "Target", "wrap", "__version__"]
+__all__ = ["LDFACallback", "LDFAConfig", "LDFAPlugin", "Target", "wrap", "__version__"]

@@ -155,10 +155,14 @@ class LDFAPlugin:
         )
         if self.rule.trains and not refresh:
             self._descend()
-        for hook in self._hooks.values():
-            hook.clear_stats()
+        self.reset_statistics()
         if refresh:
             self.refresh()
+
+    def reset_statistics(self) -> None:
+        """Drop what the backward hooks gathered since the last step (e.g. after a skipped step)."""
+        for hook in self._hooks.values():
+            hook.clear_stats()
 
     def _descend(self) -> None:
         hooks = list(self._hooks.values())

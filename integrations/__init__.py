@@ -1,0 +1,1 @@
+"""Runnable examples: a stock Hugging Face script plus the few lines marked ``# LDFA``."""

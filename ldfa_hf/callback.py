@@ -1,0 +1,112 @@
+"""`LDFACallback`: LDFA inside a Hugging Face `Trainer`.
+
+The callback only calls the plugin: ``step()`` after every optimizer step that really
+happened, ``save_pretrained`` into every checkpoint folder, ``load_state_dict`` on resume,
+and a few ``ldfa/*`` scalars into the logs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Mapping, Optional
+
+import torch
+from transformers import TrainerCallback
+
+from .plugin import STATE_NAME, LDFAPlugin, load_state_file
+
+
+class LDFACallback(TrainerCallback):
+    """Keeps an `LDFAPlugin` in step with a `Trainer`.
+
+    Args:
+        plugin: the plugin returned by ``ldfa_hf.wrap(model, config)``.
+        probe_batch: optional batch (a mapping of tensors); when given, every log also
+            carries ``ldfa/angle``, the mean angle between LDFA's and backprop's gradient.
+        resume_from_checkpoint: where to read the plugin state when the Trainer resumes
+            from a folder other than ``output_dir/checkpoint-N``.
+
+    Example:
+        >>> plugin = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=16))
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[LDFACallback(plugin)])
+        >>> trainer.train()                                    # or resume_from_checkpoint=True
+    """
+
+    def __init__(self, plugin: LDFAPlugin, probe_batch: Optional[Mapping[str, Any]] = None,
+                 resume_from_checkpoint: Optional[str] = None) -> None:
+        if not isinstance(plugin, LDFAPlugin):
+            raise TypeError(f"LDFACallback needs an LDFAPlugin (from ldfa_hf.wrap), got {type(plugin).__name__}")
+        self.plugin = plugin
+        self.probe_batch = probe_batch
+        self.resume_from_checkpoint = resume_from_checkpoint
+
+    # -- ordering: our scalars must be in `logs` before the reporting callbacks read them ------
+    def _run_before_reporters(self) -> None:
+        """Move this callback right after DefaultFlowCallback in the Trainer's handler.
+
+        Trainer puts user callbacks after TensorBoard/W&B/...; those read ``logs`` in their
+        own ``on_log``, so ours must run first for ``ldfa/*`` scalars to reach them. The
+        handler is the caller of every event (``CallbackHandler.call_event``).
+        """
+        from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+
+        handler = sys._getframe(2).f_locals.get("self")
+        if not isinstance(handler, CallbackHandler) or self not in handler.callbacks:
+            return
+        handler.callbacks.remove(self)
+        position = sum(isinstance(cb, DefaultFlowCallback) for cb in handler.callbacks[:1])
+        handler.callbacks.insert(position, self)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._run_before_reporters()
+
+    # -- training --------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._run_before_reporters()
+        if state.global_step > 0:  # the Trainer restored its state from a checkpoint
+            folder = self.resume_from_checkpoint or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            self._restore(folder)
+
+    def _restore(self, folder: str) -> None:
+        path = os.path.join(folder, STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"resuming at a checkpoint without LDFA state: {path} does not exist. Refusing to re-initialise the "
+                "feedback silently; pass LDFACallback(plugin, resume_from_checkpoint=...) if the checkpoint is elsewhere"
+            )
+        state = load_state_file(path)
+        try:
+            self.plugin.load_state_dict(state)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: no weight update, no factor update
+            self.plugin.reset_statistics()
+            return
+        self.plugin.step()
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # factors are identical on every process
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                self.plugin.save_pretrained(folder)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:  # training logs only, not evaluation ones
+            return
+        stats = self.plugin.stats(self._probe_batch(kwargs.get("model")))
+        scalars = {"ldfa/feedback_error": stats["mean_feedback_error"],
+                   "ldfa/skipped_updates": stats["skipped_updates"]}
+        if "mean_angle" in stats:
+            scalars["ldfa/angle"] = stats["mean_angle"]
+        logs.update(scalars)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(scalars)
+
+    def _probe_batch(self, model):
+        if self.probe_batch is None:
+            return None
+        device = next(model.parameters()).device if model is not None else torch.device("cpu")
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.probe_batch.items()}
