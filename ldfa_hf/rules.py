@@ -212,6 +212,10 @@ class Oja(Rule):
         scale = var.sqrt().max() + 1e-8
         # C P with C the covariance of the standardised errors Δ = (δ − mean) / scale
         CP = (s["delta_z"] - N * mean[:, None] * (mean @ P)[None, :]) / (N * scale * scale)
+        if P.shape[1] >= P.shape[0]:
+            # r = m: P already spans the whole error space and (I − PPᵀ)CP is rounding noise,
+            # which Adam's normalisation would turn into full-size random steps.
+            return torch.zeros_like(P), s["z_x"]
         grad_P = -(CP - P @ (P.T @ CP))
         return grad_P, s["z_x"]
 
