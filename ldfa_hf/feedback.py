@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .distributed import sharded_weight_reason
+
 
 class Switch:
     """Plugin-wide flags every hook reads: LDFA on/off, statistics on/off, probing."""
@@ -149,6 +151,14 @@ class FeedbackHook:
         return self._module
 
     def weight_matrix(self) -> Tensor:
+        """W as ``m × n``; refuses a weight that FSDP / ZeRO-3 has sharded away outside forward."""
+        reason = sharded_weight_reason(self._module.weight)
+        if reason is not None:
+            raise ValueError(
+                f"LDFA needs the full weight of {self.name!r} outside forward, but {reason}. "
+                "FSDP / DeepSpeed ZeRO-3 are not supported yet by rules that read W (svd, and every "
+                "rule's refresh and stats()); use DDP, or rule='bp'."
+            )
         return self.kind.matrix(self._module).detach()
 
     def follow_device(self, device: torch.device) -> None:

@@ -140,3 +140,21 @@ def test_non_finite_statistics_never_reach_the_factors(rule):
         warnings.simplefilter("error")
         plugin.step()
     assert plugin.stats()["layers"]["1"]["skipped"] == 2
+
+
+def test_zero3_partitioned_weight_is_refused_at_wrap():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model[1].weight.ds_id = 7  # what DeepSpeed ZeRO-3 puts on a partitioned parameter
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="rule='svd' must read the weight of '1', but DeepSpeed ZeRO-3"):
+        ldfa_hf.wrap(model)
+    assert_untouched(model, before)
+    ldfa_hf.wrap(model, LDFAConfig(rule="bp")).detach()  # bp never reads W outside forward
+
+
+def test_weight_sharded_after_wrap_is_refused_at_step():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    plugin = ldfa_hf.wrap(model)
+    model[1].weight.data = torch.empty(0)  # FSDP's flat-parameter view outside forward
+    with pytest.raises(ValueError, match="needs the full weight of '1' outside forward, but it is empty here"):
+        plugin.step()
