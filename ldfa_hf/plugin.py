@@ -130,7 +130,10 @@ class LDFAPlugin:
         lr = self.rule.lr if self.config.feedback_lr is None else self.config.feedback_lr
         wd = self.rule.weight_decay if self.config.feedback_weight_decay is None else self.config.feedback_weight_decay
         factors = [t for hook in self._hooks.values() for t in (hook.P, hook.Q)]
-        return torch.optim.AdamW(factors, lr=lr, weight_decay=wd, foreach=True)
+        try:  # the fused kernel is several times faster for many small tensors (CPU and GPU)
+            return torch.optim.AdamW(factors, lr=lr, weight_decay=wd, fused=True)
+        except (RuntimeError, ValueError, TypeError):
+            return torch.optim.AdamW(factors, lr=lr, weight_decay=wd, foreach=True)
 
     def _factors(self) -> list[Tensor]:
         return [t for hook in self._hooks.values() for t in (hook.P, hook.Q) if t is not None]
