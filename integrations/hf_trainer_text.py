@@ -12,7 +12,6 @@ checkpoint given with ``--model`` (e.g. MiniLM), or a small BERT built from a co
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch

@@ -15,7 +15,7 @@ import os
 import sys
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

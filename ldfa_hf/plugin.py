@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .config import CONFIG_NAME, LDFAConfig
+from .config import LDFAConfig
 from .feedback import FeedbackHook, Switch
 from .rules import factor_generator, make_rule
 from .targets import Target, existing_hook_owner, find_targets, unmatched_rank_patterns
@@ -76,30 +76,18 @@ class LDFAPlugin:
         if missing:
             warnings.warn(f"LDFA rank_pattern keys {missing} match no targeted layer", stacklevel=3)
 
-        factors = {}
-        for name, (module, kind, target) in found.items():
-            weight = module.weight
-            if not self.rule.exact:
-                reason = distributed.sharded_weight_reason(weight)
-                if reason is not None:
-                    raise ValueError(
-                        f"rule={self.config.rule!r} must read the weight of {name!r}, but {reason}. "
-                        "LDFA does not support FSDP / DeepSpeed ZeRO-3 sharded weights yet; "
-                        "wrap before sharding is not enough. Use DDP, or rule='bp'."
-                    )
-                W = kind.matrix(module).detach()
-                if not torch.isfinite(W).all():
-                    raise ValueError(f"weight of {name!r} contains NaN or Inf; cannot initialise its feedback")
-                P, Q = self.rule.init(W, target.rank, factor_generator(self.config.seed, name, 0))
-                factors[name] = (P.float().contiguous(), Q.float().contiguous())
-            else:
-                factors[name] = (None, None)
-
         clip = self.rule.error_clip if self.config.error_clip == "auto" else self.config.error_clip
         hooks = {
-            name: FeedbackHook(name, module, kind, target.rank, self.rule, self.switch, *factors[name], clip)
+            name: FeedbackHook(name, module, kind, target.rank, self.rule, self.switch, None, None, clip)
             for name, (module, kind, target) in found.items()
         }
+        if not self.rule.exact:  # initial factors, still before any hook is registered
+            for name, hook in hooks.items():
+                W = hook.weight_matrix()  # refuses FSDP / ZeRO-3 shards with a clear error
+                if not torch.isfinite(W).all():
+                    raise ValueError(f"weight of {name!r} contains NaN or Inf; cannot initialise its feedback")
+                P, Q = self.rule.init(W, hook.rank, factor_generator(self.config.seed, name, 0))
+                hook.P, hook.Q = P.float().contiguous(), Q.float().contiguous()
         registered = []
         try:
             for hook in hooks.values():
@@ -129,7 +117,7 @@ class LDFAPlugin:
             return None
         lr = self.rule.lr if self.config.feedback_lr is None else self.config.feedback_lr
         wd = self.rule.weight_decay if self.config.feedback_weight_decay is None else self.config.feedback_weight_decay
-        factors = [t for hook in self._hooks.values() for t in (hook.P, hook.Q)]
+        factors = self._factors()
         try:  # the fused kernel is several times faster for many small tensors (CPU and GPU)
             return torch.optim.AdamW(factors, lr=lr, weight_decay=wd, fused=True)
         except (RuntimeError, ValueError, TypeError):
@@ -210,21 +198,17 @@ class LDFAPlugin:
         """Same statistics on every process: pad absent ones with zeros, then one all-reduce."""
         if distributed.world_size() == 1:
             return
-        flat = []
+        flat, counts = [], []
         for hook in hooks:
             m, n = self._targets[hook.name].shape
-            device = hook.P.device
             for key, shape in self.rule.stat_shapes(m, n, hook.rank).items():
                 if key not in hook.stats:
-                    hook.stats[key] = torch.zeros(shape, device=device)
+                    hook.stats[key] = torch.zeros(shape, device=hook.P.device)
                 flat.append(hook.stats[key])
-            count = torch.tensor([float(hook.samples)], device=device)
-            flat.append(count)
-            hook._count = count
-        distributed.average_(flat)
-        for hook in hooks:
-            hook.samples = float(hook._count)
-            del hook._count
+            counts.append(torch.tensor([float(hook.samples)], device=hook.P.device))
+        distributed.average_(flat + counts)
+        for hook, count in zip(hooks, counts):
+            hook.samples = float(count)
 
     def _move_optimizer_state(self) -> None:
         """Optimizer state follows factors that followed their module to another device."""

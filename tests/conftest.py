@@ -4,9 +4,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
-import ldfa_hf
 
 
 def tiny_gpt2():

@@ -8,7 +8,7 @@ from torch import nn
 import ldfa_hf
 from ldfa_hf import LDFAConfig
 
-from conftest import batch_for, tiny_llama, tiny_vit
+from conftest import batch_for, tiny_llama
 
 
 def test_summary_lists_layers_ranks_and_saving():

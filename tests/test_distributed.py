@@ -3,7 +3,6 @@ running the same global batch. Launched the ways users launch: accelerate and to
 
 import os
 import random
-import shutil
 import subprocess
 import sys
 

@@ -4,7 +4,6 @@ exercised in test_distributed.py and test_trainer.py, the PEFT one in test_peft.
 import os
 import sys
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "integrations"))

@@ -8,7 +8,7 @@ import ldfa_hf
 from ldfa_hf import LDFAConfig
 from ldfa_hf.feedback import FeedbackHook
 
-from conftest import batch_for, clone, layer_input_grads, param_grads, rel_err
+from conftest import clone, layer_input_grads, param_grads, rel_err
 
 EXACT = [
     LDFAConfig(rule="bp"),
