@@ -11,6 +11,7 @@ drift hits all alike (ratios are medians of per-round ratios); and the peak memo
 resident set of a fresh process, minus its size before the first step).
 
     python -m benchmarks.speed                  # both cases, 7 repetitions
+    python -m benchmarks.speed --phases         # where the time goes: forward, backward, optimizer, plugin
     python -m benchmarks.speed --tiny           # seconds, for the tests
 """
 
@@ -74,17 +75,29 @@ class Runner:
         self.device = device
 
     def step(self) -> float:
+        return sum(self.phases().values())
+
+    def phases(self) -> dict:
+        """Seconds spent in forward, backward, optimizer and ``plugin.step()`` for one step."""
         sync = torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
-        sync()
-        start = time.perf_counter()
+        marks = []
+
+        def mark():
+            sync()
+            marks.append(time.perf_counter())
+
+        mark()
         loss = self.loss_fn(self.model, self.batch)
+        mark()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        mark()
         self.optimizer.step()
+        mark()
         if self.plugin is not None:
             self.plugin.step()
-        sync()
-        return time.perf_counter() - start
+        mark()
+        return dict(zip(("forward", "backward", "optimizer", "plugin"), (b - a for a, b in zip(marks, marks[1:]))))
 
 
 def _rss_bytes() -> int:
@@ -146,6 +159,22 @@ def measure(case: str, rank: int, reps: int, warmup: int, tiny: bool, device: st
     }
 
 
+def phase_table(case: str, rank: int, reps: int, warmup: int, tiny: bool, device: str) -> dict:
+    """Median seconds per phase for backprop and LDFA (interleaved), to see where time goes."""
+    runners = {m: Runner(case, m, rank, tiny, device) for m in ("backprop", "ldfa")}
+    samples = {m: [] for m in runners}
+    for i in range(warmup + reps):
+        for method, runner in runners.items():
+            phases = runner.phases()
+            if i >= warmup:
+                samples[method].append(phases)
+    table = {m: {k: statistics.median(p[k] for p in v) for k in v[0]} for m, v in samples.items()}
+    for method, row in table.items():
+        cells = "  ".join(f"{k} {1000 * t:8.1f} ms" for k, t in row.items())
+        print(f"{case:<6} {method:<9} {cells}", flush=True)
+    return table
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["mlp", "llama"])
@@ -155,6 +184,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None, help="CSV file to append results to")
+    parser.add_argument("--phases", action="store_true", help="per-phase medians (forward, backward, optimizer, plugin) instead")
     parser.add_argument("--memory-probe", nargs=3, metavar=("CASE", "METHOD", "RANK"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
@@ -163,6 +193,8 @@ def main(argv=None) -> list[dict]:
         return []
     if args.tiny:
         args.reps, args.warmup = 2, 1
+    if args.phases:
+        return [phase_table(case, args.rank, args.reps, args.warmup, args.tiny, args.device) for case in args.cases]
     results = []
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"{'case':<6} {'backprop ms':>12} {'ldfa ms':>9} {'bp/ldfa':>8} {'bp-rule/never':>14} "

@@ -27,3 +27,11 @@ def test_cli_dispatch(capsys):
 
     cli.main(["bench", "teacher_student", "--tiny"])
     assert "svd" in capsys.readouterr().out
+
+
+def test_speed_phases_tiny(capsys):
+    (table,) = speed.main(["--tiny", "--cases", "mlp", "--phases"])
+    assert set(table) == {"backprop", "ldfa"}
+    for row in table.values():
+        assert set(row) == {"forward", "backward", "optimizer", "plugin"} and all(t >= 0 for t in row.values())
+    assert "ldfa" in capsys.readouterr().out

