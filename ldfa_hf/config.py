@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 CONFIG_NAME = "ldfa_config.json"
-RULES = ("svd", "local", "oja", "fixed", "fa", "bp")
+RULES = ("svd", "local", "oja", "fixed", "fa", "dfa", "bp")
 
 
 def _is_int(value: Any) -> bool:
@@ -58,7 +58,8 @@ class LDFAConfig:
         rank_pattern: per-module rank overrides, ``{name or suffix or regex: rank}``
             (e.g. ``{"qkv": 96}`` for a fused projection).
         rule: how P and Q are learned: ``"svd"`` (default), ``"local"``, ``"oja"``,
-            ``"fixed"``, ``"fa"`` or ``"bp"`` (exact backprop through the same hooks).
+            ``"fixed"``, ``"fa"``, ``"dfa"`` (Direct Feedback Alignment, a baseline) or
+            ``"bp"`` (exact backprop through the same hooks).
         target_modules: ``"all-linear"`` (every ``nn.Linear`` and GPT-2 ``Conv1D``,
             the output head included), a list of exact names or name suffixes, or
             a regex matched against the whole module name.

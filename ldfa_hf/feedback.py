@@ -10,6 +10,7 @@ takes it off again without a trace.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .distributed import sharded_weight_reason
+from .rules import factor_generator
 
 
 class Switch:
@@ -26,6 +28,8 @@ class Switch:
         self.enabled = True
         self.collecting = True
         self.probing = False
+        self.last_forward: Optional["FeedbackHook"] = None  # dfa: the output layer
+        self.output_error: Optional[Tensor] = None          # dfa: its error in this backward
 
 
 class _Feedback(torch.autograd.Function):
@@ -50,8 +54,9 @@ class FeedbackHook:
     """LDFA on one layer: its factors P (m×r) and Q (r×n), and the statistics of the step."""
 
     def __init__(self, name: str, module: nn.Module, kind, rank: int, rule, switch: Switch,
-                 P: Optional[Tensor], Q: Optional[Tensor], error_clip: Optional[float]) -> None:
+                 P: Optional[Tensor], Q: Optional[Tensor], error_clip: Optional[float], seed: int = 0) -> None:
         self.name, self.kind, self.rank, self.rule, self.switch = name, kind, rank, rule, switch
+        self.seed = seed
         self.P, self.Q, self.error_clip = P, Q, error_clip
         self.stats: dict[str, Tensor] = {}
         self.samples = 0            # samples accumulated into ``stats`` since the last step
@@ -109,6 +114,7 @@ class FeedbackHook:
         collect = bool(self.switch.collecting and module.training and self.rule.needs)
         self.input_needs_grad = x.requires_grad
         self.last_samples = self.kind.samples(output)
+        self.switch.last_forward = self
         if not x.requires_grad and not (collect and output.requires_grad):
             return None
         self.follow_device(module.weight.device)
@@ -121,6 +127,10 @@ class FeedbackHook:
         gx = z = None
         if self.rule.exact:
             gx = kind.exact(g, module, x_shape) if need_gx else None
+        elif self.rule.direct:
+            if self.switch.last_forward is self:
+                self.switch.output_error = g.detach()
+            gx = self.direct(self.switch.output_error, x_shape) if need_gx else None
         else:
             if need_gx or collect:
                 z = kind.down(g, self.P)
@@ -131,6 +141,16 @@ class FeedbackHook:
         if gx is not None and self.error_clip is not None:
             gx = gx.clamp(-self.error_clip, self.error_clip)
         return gx
+
+    def direct(self, error: Tensor, x_shape) -> Tensor:
+        """DFA: the output error through this layer's fixed random matrix B (kept in ``P``)."""
+        per_position = error.shape[:-1] == tuple(x_shape[:-1])
+        e = error if per_position else error.reshape(x_shape[0], -1)
+        width = x_shape[-1] if per_position else math.prod(x_shape[1:])
+        if self.P is None or tuple(self.P.shape) != (e.shape[-1], width):
+            gen = factor_generator(self.seed, self.name, 0)
+            self.P = (torch.randn(e.shape[-1], width, generator=gen) / e.shape[-1] ** 0.5).to(error.device)
+        return (e @ self.P.to(e.dtype)).reshape(x_shape)
 
     def accumulate(self, stats: dict, samples: int) -> None:
         for key, value in stats.items():
@@ -165,5 +185,6 @@ class FeedbackHook:
         """Factors live outside the model, so they follow its weight when it moves."""
         if self.P is not None and self.P.device != device:
             self.P.data = self.P.data.to(device)
-            self.Q.data = self.Q.data.to(device)
+            if self.Q is not None:
+                self.Q.data = self.Q.data.to(device)
             self.stats = {k: v.to(device) for k, v in self.stats.items()}

@@ -78,10 +78,11 @@ class LDFAPlugin:
 
         clip = self.rule.error_clip if self.config.error_clip == "auto" else self.config.error_clip
         hooks = {
-            name: FeedbackHook(name, module, kind, target.rank, self.rule, self.switch, None, None, clip)
+            name: FeedbackHook(name, module, kind, target.rank, self.rule, self.switch, None, None, clip,
+                               seed=self.config.seed)
             for name, (module, kind, target) in found.items()
         }
-        if not self.rule.exact:  # initial factors, still before any hook is registered
+        if self.rule.has_factors:  # initial factors, still before any hook is registered
             for name, hook in hooks.items():
                 W = hook.weight_matrix()  # refuses FSDP / ZeRO-3 shards with a clear error
                 if not torch.isfinite(W).all():
@@ -293,7 +294,7 @@ class LDFAPlugin:
         feedback_params = 0
         for name, target in self._targets.items():
             m, n = target.shape
-            params = 0 if self.rule.exact else target.rank * (m + n)
+            params = target.rank * (m + n) if self.rule.has_factors else 0
             feedback_params += params
             lines.append(f"{name:<{width}}  {target.kind:<7} {f'{m} x {n}':>13} {target.rank:>5} {params:>10,}")
         cost = self.cost()
@@ -318,6 +319,8 @@ class LDFAPlugin:
         for name, hook in self._hooks.items():
             if self.rule.exact:
                 error = 0.0
+            elif not self.rule.has_factors:
+                error = float("nan")  # dfa: no P Q standing in for W
             else:
                 W = hook.weight_matrix().float()
                 norm = float(W.norm())
@@ -387,7 +390,7 @@ class LDFAPlugin:
                  _SKIPPED_KEY: torch.tensor([self._skipped[n] for n in self._hooks], dtype=torch.int64)}
         for name, hook in self._hooks.items():
             for label, factor in (("P", hook.P), ("Q", hook.Q)):
-                if factor is None:
+                if factor is None or not self.rule.has_factors:  # dfa's B is re-made from the seed
                     continue
                 state[f"{name}.{label}"] = factor.detach()
                 opt_state = self._optimizer.state.get(factor, {}) if self._optimizer is not None else {}
@@ -402,7 +405,7 @@ class LDFAPlugin:
         expected = {_STEP_KEY, _SKIPPED_KEY}
         for name, hook in self._hooks.items():
             for label, factor in (("P", hook.P), ("Q", hook.Q)):
-                if factor is not None:
+                if factor is not None and self.rule.has_factors:
                     expected.add(f"{name}.{label}")
                     if f"{name}.{label}" in state and tuple(state[f"{name}.{label}"].shape) != tuple(factor.shape):
                         raise ValueError(
@@ -424,7 +427,7 @@ class LDFAPlugin:
         self._skipped = dict(zip(self._hooks, (int(v) for v in state[_SKIPPED_KEY])))
         for name, hook in self._hooks.items():
             for label, factor in (("P", hook.P), ("Q", hook.Q)):
-                if factor is None:
+                if factor is None or not self.rule.has_factors:
                     continue
                 factor.data.copy_(state[f"{name}.{label}"])
                 if self._optimizer is not None:

@@ -60,12 +60,18 @@ class Rule:
 
     name = ""
     exact = False       # backward uses W itself (bp)
+    direct = False      # the output error goes straight to every layer (dfa)
     trains = False      # P, Q have an optimizer
     refreshes = False   # re-initialised from W every ``refresh_every`` steps
     lr = 0.0
     weight_decay = 0.0
     error_clip: Optional[float] = None
     grad_clip: Optional[float] = None
+
+    @property
+    def has_factors(self) -> bool:
+        """Whether layers carry P and Q made at attach time."""
+        return not (self.exact or self.direct)
 
     @property
     def needs(self) -> bool:
@@ -109,6 +115,23 @@ class FA(Fixed):
     """Classic Feedback Alignment: fixed random feedback at full rank."""
 
     name = "fa"
+
+
+class DFA(Rule):
+    """Direct Feedback Alignment (Nøkland 2016): every layer's input receives the output
+    error through its own fixed random matrix, instead of an error passed layer by layer.
+
+    The output error is the one arriving at the targeted layer that ran last in forward
+    (the head). Its per-example error maps position by position when the layer's input has
+    the same leading shape (tokens of a language model), otherwise through one matrix from
+    the whole example's error to the whole input (images, pooled classifiers).
+    """
+
+    name = "dfa"
+    direct = True
+
+    def init(self, W, r, generator):
+        return None, None
 
 
 class SVD(Rule):
@@ -220,7 +243,7 @@ class Oja(Rule):
         return grad_P, s["z_x"]
 
 
-RULES = {rule.name: rule for rule in (SVD, Local, Oja, Fixed, FA, BP)}
+RULES = {rule.name: rule for rule in (SVD, Local, Oja, Fixed, FA, DFA, BP)}
 
 
 def make_rule(name: str) -> Rule:

@@ -49,10 +49,10 @@ def _adapter_names(model: nn.Module) -> set:
 def rank_for(name: str, shape: tuple, config: LDFAConfig) -> int:
     """``min(rank, m, n)``; ``rank_pattern`` overrides by exact name, suffix or regex.
 
-    ``fa`` is full-rank random feedback, so it always uses ``min(m, n)``.
+    ``fa`` is full-rank random feedback, so it always uses ``min(m, n)`` (as do ``dfa`` and ``bp``).
     """
     m, n = shape
-    if config.rule == "fa" or config.rule == "bp":
+    if config.rule in ("fa", "dfa", "bp"):
         return min(m, n)
     rank = config.rank
     for key, value in config.rank_pattern.items():

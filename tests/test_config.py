@@ -14,7 +14,7 @@ from ldfa_hf import LDFAConfig
         (dict(rank=-3), "got -3"),
         (dict(rank=2.5), "got 2.5"),
         (dict(rank=True), "got True"),
-        (dict(rule="backprop"), "rule must be one of svd, local, oja, fixed, fa, bp; got 'backprop'"),
+        (dict(rule="backprop"), "rule must be one of svd, local, oja, fixed, fa, dfa, bp; got 'backprop'"),
         (dict(refresh_every=0), "refresh_every must be a positive int or None; got 0"),
         (dict(refresh_every=-5), "got -5"),
         (dict(feedback_lr=-0.1), "feedback_lr must be a finite number >= 0"),

@@ -84,3 +84,12 @@ def test_probe_keeps_buffers_and_uses_the_same_dropout_mask():
     assert stats["layers"]["3"]["angle"] < 1e-2  # same mask in both passes
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_dfa_diagnostics():
+    torch.manual_seed(0)
+    model, batch = tiny_llama(), batch_for("llama")
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="dfa"))
+    stats = plugin.stats(batch)
+    assert math.isnan(stats["mean_feedback_error"]) and stats["mean_angle"] > 10
+    assert "on 15 layers" in plugin.summary(print_fn=None)

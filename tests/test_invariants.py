@@ -63,7 +63,7 @@ def _local_weight_grads(model, plugin, batch):
     return seen
 
 
-@pytest.mark.parametrize("rule", ["svd", "local", "oja", "fixed", "fa"])
+@pytest.mark.parametrize("rule", ["svd", "local", "oja", "fixed", "fa", "dfa"])
 def test_invariant2_weight_and_bias_grads_are_the_exact_local_ones(hf_model, rule):
     name, model, batch = hf_model
     plugin = ldfa_hf.wrap(model, LDFAConfig(rule=rule, rank=2))

@@ -149,3 +149,36 @@ def test_error_clip_bounds_the_propagated_error():
     (gx,) = torch.autograd.grad(y, x, dy)
     expected = (dy @ feedback_matrix(plugin)).clamp(-1, 1)
     assert gx.abs().max() <= 1.0 and torch.allclose(gx, expected, atol=1e-6)
+
+
+def test_dfa_sends_the_output_error_straight_to_every_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="dfa"))
+    x = torch.randn(5, 6, requires_grad=True)
+    inputs, seen = {}, {}
+    for i in (0, 2, 4):
+        model[i].register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0]), prepend=True)
+    out = model(x)
+    out.register_hook(lambda g: seen.__setitem__("e", g))
+    target = torch.randn(5, 3)
+    grads = torch.autograd.grad(((out - target) ** 2).sum(), [inputs[0], inputs[2], inputs[4]])
+    e = seen["e"]
+    for i, g in zip((0, 2, 4), grads):
+        B = plugin._hooks[str(i)].P
+        assert B.shape == (3, model[i].in_features)
+        assert rel_err(g, e @ B) <= 1e-6, i
+
+
+def test_dfa_maps_a_pooled_error_onto_a_whole_image():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="dfa"))
+    x = torch.randn(2, 2, 5, 5, requires_grad=True)
+    out = model(x)
+    e = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, e)
+    B = plugin._hooks["0"].P
+    assert B.shape == (3, 2 * 5 * 5) and rel_err(gx, (e @ B).reshape(x.shape)) <= 1e-6
+    state = plugin.state_dict()  # B is re-made from the seed, so it is not stored
+    assert not any(k.endswith(".P") for k in state)

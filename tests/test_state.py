@@ -21,7 +21,7 @@ def train(model, plugin, steps, seed=0):
         plugin.step()
 
 
-@pytest.mark.parametrize("rule", ["svd", "local", "oja", "fixed", "bp"])
+@pytest.mark.parametrize("rule", ["svd", "local", "oja", "fixed", "dfa", "bp"])
 def test_save_load_round_trip_continues_exactly(tmp_path, rule):
     torch.manual_seed(0)
     model = tiny_bert()
