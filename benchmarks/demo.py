@@ -43,7 +43,10 @@ def train(method: str, epochs: int, batch_size: int, seed: int, rank: int, tiny:
     if tiny:
         x_train, y_train = x_train[:256], y_train[:256]
     model = small_vit(seed, *((32, 1) if tiny else (256, 4)))
-    plugin = None if method == "bp" else ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="svd", seed=seed))
+    steps_per_epoch = len(y_train) // batch_size
+    config = ldfa_hf.LDFAConfig(rank=rank, rule="svd", seed=seed,
+                                refresh_every=max(1, steps_per_epoch // 2))  # the authors refresh every half epoch
+    plugin = None if method == "bp" else ldfa_hf.wrap(model, config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     gen = torch.Generator().manual_seed(seed)
     step_times, curve = [], []
