@@ -28,7 +28,7 @@ class Switch:
         self.enabled = True
         self.collecting = True
         self.probing = False
-        self.last_forward: Optional["FeedbackHook"] = None  # dfa: the output layer
+        self.output_hook: Optional["FeedbackHook"] = None   # dfa: the output layer
         self.output_error: Optional[Tensor] = None          # dfa: its error in this backward
 
 
@@ -114,7 +114,6 @@ class FeedbackHook:
         collect = bool(self.switch.collecting and module.training and self.rule.needs)
         self.input_needs_grad = x.requires_grad
         self.last_samples = self.kind.samples(output)
-        self.switch.last_forward = self
         if not x.requires_grad and not (collect and output.requires_grad):
             return None
         self.follow_device(module.weight.device)
@@ -128,7 +127,7 @@ class FeedbackHook:
         if self.rule.exact:
             gx = kind.exact(g, module, x_shape) if need_gx else None
         elif self.rule.direct:
-            if self.switch.last_forward is self:
+            if self.switch.output_hook is self:
                 self.switch.output_error = g.detach()
             gx = self.direct(self.switch.output_error, x_shape) if need_gx else None
         else:

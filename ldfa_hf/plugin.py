@@ -89,6 +89,8 @@ class LDFAPlugin:
                     raise ValueError(f"weight of {name!r} contains NaN or Inf; cannot initialise its feedback")
                 P, Q = self.rule.init(W, hook.rank, factor_generator(self.config.seed, name, 0))
                 hook.P, hook.Q = P.float().contiguous(), Q.float().contiguous()
+        if self.rule.direct:  # dfa: the last targeted layer in module order is the head
+            self.switch.output_hook = list(hooks.values())[-1]
         registered = []
         try:
             for hook in hooks.values():

@@ -79,6 +79,7 @@ class Rule:
         return bool(self.stat_shapes(1, 1, 1))
 
     def init(self, W: Tensor, r: int, generator: torch.Generator):
+        """Initial (P, Q); only called when ``has_factors``."""
         return random_factors(W, r, generator)
 
     def stat_shapes(self, m: int, n: int, r: int) -> dict:
@@ -101,9 +102,6 @@ class BP(Rule):
     name = "bp"
     exact = True
 
-    def init(self, W, r, generator):
-        return None, None
-
 
 class Fixed(Rule):
     """Random low-rank feedback, never updated: the ablation."""
@@ -121,17 +119,15 @@ class DFA(Rule):
     """Direct Feedback Alignment (Nøkland 2016): every layer's input receives the output
     error through its own fixed random matrix, instead of an error passed layer by layer.
 
-    The output error is the one arriving at the targeted layer that ran last in forward
-    (the head). Its per-example error maps position by position when the layer's input has
+    The output error is the one arriving at the last targeted layer in the model's module
+    order (the head of a Hugging Face model); fixing it at attach time keeps gradient
+    checkpointing's recomputed forwards from changing it. Its per-example error maps position by position when the layer's input has
     the same leading shape (tokens of a language model), otherwise through one matrix from
     the whole example's error to the whole input (images, pooled classifiers).
     """
 
     name = "dfa"
     direct = True
-
-    def init(self, W, r, generator):
-        return None, None
 
 
 class SVD(Rule):

@@ -146,3 +146,16 @@ def test_gradient_accumulation_sums_statistics():
     assert halves[1] == whole[1] == 8
     for key in whole[0]:
         assert rel_err(halves[0][key], whole[0][key]) < 1e-5
+
+
+def test_dfa_under_gradient_checkpointing_matches_plain():
+    torch.manual_seed(0)
+    model, batch = tiny_llama(), batch_for("llama")
+    checkpointed = clone(model)
+    ldfa_hf.wrap(model, LDFAConfig(rule="dfa"))
+    ldfa_hf.wrap(checkpointed, LDFAConfig(rule="dfa"))
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.train()
+    expected, got = param_grads(model, batch), param_grads(checkpointed, batch)
+    for key in expected:
+        assert rel_err(got[key], expected[key]) < 1e-5, key
