@@ -35,3 +35,22 @@ def test_speed_phases_tiny(capsys):
     for row in table.values():
         assert set(row) == {"forward", "backward", "optimizer", "plugin"} and all(t >= 0 for t in row.values())
     assert "ldfa" in capsys.readouterr().out
+
+
+def test_mnist_sweep_tiny_resumes_finished_cells(tmp_path, capsys, monkeypatch):
+    from benchmarks import data, mnist
+
+    monkeypatch.setenv("LDFA_HF_NO_HUB", "1")
+    try:
+        data.load_mnist()
+    except data.DataUnavailable as err:  # a machine without registry access
+        import pytest
+
+        pytest.skip(str(err))
+    out = tmp_path / "mnist.csv"
+    rows = mnist.main(["--tiny", "--out", str(out)])
+    assert {r["method"] for r in rows} == {"bp", "fa", "dfa", "svd", "local", "oja", "fixed"}
+    assert os.path.getsize(str(out)[:-4] + ".png") > 1000
+    lines = out.read_text().splitlines()
+    mnist.main(["--tiny", "--out", str(out)])  # every cell is done: nothing is re-run
+    assert out.read_text().splitlines() == lines
