@@ -129,6 +129,14 @@ class LDFAPlugin:
     def _factors(self) -> list[Tensor]:
         return [t for hook in self._hooks.values() for t in (hook.P, hook.Q) if t is not None]
 
+    def _stored_factors(self) -> Iterator[tuple[str, Tensor]]:
+        """(state key, factor) for every factor kept in state (dfa's B is re-made from the seed)."""
+        if not self.rule.has_factors:
+            return
+        for name, hook in self._hooks.items():
+            yield f"{name}.P", hook.P
+            yield f"{name}.Q", hook.Q
+
     def _sync_once(self) -> None:
         """Rank 0's factors everywhere, once torch.distributed is up."""
         if not self._synced and distributed.world_size() > 1:
@@ -390,14 +398,11 @@ class LDFAPlugin:
         """Factors, their optimizer state and the step counter, as a flat dict of tensors."""
         state = {_STEP_KEY: torch.tensor(self.num_steps, dtype=torch.int64),
                  _SKIPPED_KEY: torch.tensor([self._skipped[n] for n in self._hooks], dtype=torch.int64)}
-        for name, hook in self._hooks.items():
-            for label, factor in (("P", hook.P), ("Q", hook.Q)):
-                if factor is None or not self.rule.has_factors:  # dfa's B is re-made from the seed
-                    continue
-                state[f"{name}.{label}"] = factor.detach()
-                opt_state = self._optimizer.state.get(factor, {}) if self._optimizer is not None else {}
-                for key, value in opt_state.items():
-                    state[f"{name}.{label}.{key}"] = torch.as_tensor(value).detach()
+        for key, factor in self._stored_factors():
+            state[key] = factor.detach()
+            opt_state = self._optimizer.state.get(factor, {}) if self._optimizer is not None else {}
+            for name, value in opt_state.items():
+                state[f"{key}.{name}"] = torch.as_tensor(value).detach()
         return state
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
@@ -405,15 +410,13 @@ class LDFAPlugin:
         if not self._hooks:
             raise RuntimeError("load_state_dict needs an attached plugin")
         expected = {_STEP_KEY, _SKIPPED_KEY}
-        for name, hook in self._hooks.items():
-            for label, factor in (("P", hook.P), ("Q", hook.Q)):
-                if factor is not None and self.rule.has_factors:
-                    expected.add(f"{name}.{label}")
-                    if f"{name}.{label}" in state and tuple(state[f"{name}.{label}"].shape) != tuple(factor.shape):
-                        raise ValueError(
-                            f"LDFA state {name}.{label} has shape {tuple(state[f'{name}.{label}'].shape)}, "
-                            f"this model needs {tuple(factor.shape)} (different rank or model?)"
-                        )
+        for key, factor in self._stored_factors():
+            expected.add(key)
+            if key in state and tuple(state[key].shape) != tuple(factor.shape):
+                raise ValueError(
+                    f"LDFA state {key} has shape {tuple(state[key].shape)}, "
+                    f"this model needs {tuple(factor.shape)} (different rank or model?)"
+                )
         optim_keys = {k for k in state if k.rsplit(".", 1)[0] in expected and k not in expected}
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected - optim_keys)
@@ -427,19 +430,16 @@ class LDFAPlugin:
             raise ValueError("LDFA state has skipped-update counters for a different number of layers")
         self.num_steps = int(state[_STEP_KEY])
         self._skipped = dict(zip(self._hooks, (int(v) for v in state[_SKIPPED_KEY])))
-        for name, hook in self._hooks.items():
-            for label, factor in (("P", hook.P), ("Q", hook.Q)):
-                if factor is None or not self.rule.has_factors:
-                    continue
-                factor.data.copy_(state[f"{name}.{label}"])
-                if self._optimizer is not None:
-                    prefix = f"{name}.{label}."
-                    restored = {k[len(prefix):]: v.to(factor.device) for k, v in state.items() if k.startswith(prefix)}
-                    if restored:
-                        self._optimizer.state[factor] = restored
-                    else:
-                        self._optimizer.state.pop(factor, None)
-            hook.clear_stats()
+        for key, factor in self._stored_factors():
+            factor.data.copy_(state[key])
+            if self._optimizer is not None:
+                prefix = f"{key}."
+                restored = {k[len(prefix):]: v.to(factor.device) for k, v in state.items() if k.startswith(prefix)}
+                if restored:
+                    self._optimizer.state[factor] = restored
+                else:
+                    self._optimizer.state.pop(factor, None)
+        self.reset_statistics()
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
         """Write ``ldfa_config.json`` and ``ldfa_state.safetensors`` into ``save_directory``."""

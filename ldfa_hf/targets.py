@@ -23,12 +23,22 @@ class Target(NamedTuple):
     rank: int
 
 
+def _names(name: str, key: str) -> bool:
+    """``key`` is the module's full name or a dotted suffix of it."""
+    return name == key or name.endswith("." + key)
+
+
 def _matches(name: str, spec: Union[str, list, None]) -> bool:
     if spec is None:
         return False
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
-    return any(name == key or name.endswith("." + key) for key in spec)
+    return any(_names(name, key) for key in spec)
+
+
+def _rank_key_matches(name: str, key: str) -> bool:
+    """``rank_pattern`` keys: a full name, a dotted suffix, or a regex over the whole name."""
+    return _names(name, key) or re.fullmatch(key, name) is not None
 
 
 def _adapter_names(model: nn.Module) -> set:
@@ -56,7 +66,7 @@ def rank_for(name: str, shape: tuple, config: LDFAConfig) -> int:
         return min(m, n)
     rank = config.rank
     for key, value in config.rank_pattern.items():
-        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
+        if _rank_key_matches(name, key):
             rank = value
             break
     return min(rank, m, n)
@@ -112,7 +122,7 @@ def unmatched_rank_patterns(targets: dict, config: LDFAConfig) -> list:
     """``rank_pattern`` keys that name no targeted layer (almost always a typo)."""
     missing = []
     for key in config.rank_pattern:
-        if not any(n == key or n.endswith("." + key) or re.fullmatch(key, n) for n in targets):
+        if not any(_rank_key_matches(n, key) for n in targets):
             missing.append(key)
     return missing
 
