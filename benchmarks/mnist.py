@@ -1,30 +1,32 @@
-"""MNIST test accuracy vs feedback rank, against bp, fa and dfa (issue #4, experiment b).
+"""MNIST test accuracy vs feedback rank, against bp, fa and dfa (issue #4, experiments b and c).
 
-    python -m benchmarks.mnist --model mlp                  # ranks 1 2 5 10 20 64, 3 seeds
-    python -m benchmarks.mnist --model mlp --tiny           # seconds
+    python -m benchmarks.mnist --model mlp        # MLP 784-256-256-10, full 50k training split
+    python -m benchmarks.mnist --model cnn        # 3 conv blocks with BatchNorm
+    python -m benchmarks.mnist --model vit        # ViT (ViTConfig): patch 7, 2 layers, hidden 64
+    python -m benchmarks.mnist --model convnext   # ConvNeXt (ConvNextConfig): bp, LDFA r=10, fixed, fa, dfa
+    python -m benchmarks.mnist --model cnn --tiny # seconds
 
-Cells already in the CSV are skipped, so an interrupted run continues where it stopped.
-Results: benchmarks/results/mnist_<model>.csv and .png.
+Headline cells (bp, fa, dfa, svd and fixed at r = 10 classes) run ``--seeds`` seeds, the rest
+of the rank sweep ``--sweep-seeds``. Cells already in the CSV are skipped, so an interrupted
+run continues where it stopped. Results: benchmarks/results/mnist_<model>.csv and .png.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import statistics
-import time
 
 import torch
 from torch import nn
 
-import ldfa_hf
-
 from .data import load_mnist
+from .harness import RESULTS, ResultTable, method_cells, plot_rank_sweep, summary_table, train_classifier
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RANKS = (1, 2, 5, 10, 20, 64)
-FIELDS = ["model", "method", "rank", "seed", "epochs", "test_accuracy", "seconds"]
+CLASSES = 10
+FIELDS = ["model", "method", "rank", "seed", "epochs", "train_examples", "test_accuracy", "seconds"]
+# per model: training examples (a prefix of the 50k split) and epochs, sized for 2 CPU cores
+SIZES = {"mlp": (50_000, 3), "cnn": (20_000, 3), "vit": (20_000, 3), "convnext": (20_000, 3)}
 
 
 def build(model: str) -> nn.Module:
@@ -33,122 +35,69 @@ def build(model: str) -> nn.Module:
                              nn.Linear(256, 10))
     if model == "cnn":
         def block(c_in, c_out):
-            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
-        return nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
-                             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
-    raise ValueError(f"unknown model {model!r}: mlp or cnn")
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
+        return nn.Sequential(*block(1, 16), *block(16, 32), *block(32, 64), nn.Flatten(),
+                             nn.Linear(64 * 3 * 3, 128), nn.ReLU(), nn.Linear(128, 10))
+    if model == "vit":
+        from transformers import ViTConfig, ViTForImageClassification
+
+        return ViTForImageClassification(ViTConfig(
+            image_size=28, patch_size=7, num_channels=1, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=128, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    if model == "convnext":
+        from transformers import ConvNextConfig, ConvNextForImageClassification
+
+        return ConvNextForImageClassification(ConvNextConfig(
+            num_channels=1, patch_size=4, image_size=28, hidden_sizes=[32, 64], depths=[2, 2], num_stages=2,
+            num_labels=10))
+    raise ValueError(f"unknown model {model!r}: one of {sorted(SIZES)}")
 
 
-def cells(ranks) -> list[tuple[str, int]]:
-    """(method, rank): the LDFA rules over the rank sweep, the ablation at r = 10, references."""
-    out = [("bp", 0), ("fa", 0), ("dfa", 0)]
-    out += [("svd", r) for r in ranks]
-    out += [(rule, 10) for rule in ("local", "oja", "fixed") if 10 in ranks]
-    return out
-
-
-def run_cell(model_name, method, rank, seed, epochs, data, batch_size=128, lr=1e-3, limit=None) -> float:
-    torch.manual_seed(seed)
-    model = build(model_name)
-    (x_train, y_train), (x_test, y_test) = data["train"], data["test"]
-    x_train, y_train, x_test, y_test = x_train[:limit], y_train[:limit], x_test[:limit], y_test[:limit]
-    steps_per_epoch = len(y_train) // batch_size
-    config = ldfa_hf.LDFAConfig(rule=method, rank=max(rank, 1), seed=seed, refresh_every=max(1, steps_per_epoch // 2))
-    plugin = ldfa_hf.wrap(model, config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(y_train), generator=gen)
-        for start in range(0, steps_per_epoch * batch_size, batch_size):
-            idx = order[start:start + batch_size]
-            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            plugin.step()
-    model.eval()
-    with torch.no_grad():
-        correct = sum(int((model(x_test[i:i + 1000]).argmax(-1) == y_test[i:i + 1000]).sum())
-                      for i in range(0, len(y_test), 1000))
-    return correct / len(y_test)
-
-
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def mean(method, rank=None):
-        vals = [float(r["test_accuracy"]) for r in rows if r["method"] == method and (rank is None or int(r["rank"]) == rank)]
-        return statistics.mean(vals) if vals else None
-
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    ranks = sorted({int(r["rank"]) for r in rows if r["method"] == "svd"})
-    ax.plot(ranks, [100 * mean("svd", k) for k in ranks], "o-", label="LDFA (svd)")
-    for method, style in (("fixed", "x"), ("local", "s"), ("oja", "^")):
-        if mean(method) is not None:
-            ax.plot([10], [100 * mean(method)], style, label=f"{method} r=10")
-    for method, color in (("bp", "k"), ("fa", "tab:red"), ("dfa", "tab:purple")):
-        if mean(method) is not None:
-            ax.axhline(100 * mean(method), color=color, ls="--", lw=1, label=method)
-    ax.set_xscale("log")
-    ax.set_xlabel("feedback rank r")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"MNIST {rows[0]['model'].upper()}: accuracy vs feedback rank")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def cells(model: str, ranks, seeds: int, sweep_seeds: int) -> list[dict]:
+    """Every (method, rank, seed) to run; ConvNeXt (experiment c) runs the headline methods only."""
+    out = []
+    for method, rank, headline in method_cells(ranks, CLASSES):
+        if model == "convnext" and not headline:
+            continue
+        out += [{"method": method, "rank": rank, "seed": s} for s in range(seeds if headline else sweep_seeds)]
+    return sorted(out, key=lambda c: c["seed"])  # a whole first seed before any repeat
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    parser.add_argument("--model", default="mlp", choices=sorted(SIZES))
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds for the headline cells")
+    parser.add_argument("--sweep-seeds", type=int, default=1, help="seeds for the rest of the rank sweep")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--train-examples", type=int, default=None)
     parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/mnist_<model>.csv)")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
-    limit = None
+    examples, epochs = SIZES[args.model]
+    examples, epochs = args.train_examples or examples, args.epochs or epochs
+    test_limit = None
     if args.tiny:
-        args.ranks, args.seeds, args.epochs, limit = [2, 10], 1, 1, 512
+        args.ranks, args.seeds, args.sweep_seeds, epochs, examples, test_limit = [2, 10], 1, 1, 1, 256, 256
     out = args.out or os.path.join(RESULTS, f"mnist_{args.model}.csv")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    done = []
-    if os.path.exists(out):
-        with open(out, newline="") as fh:
-            done = list(csv.DictReader(fh))
-    have = {(r["method"], int(r["rank"]), int(r["seed"]), int(r["epochs"])) for r in done}
-    todo = [(m, r, s) for s in range(args.seeds) for m, r in cells(args.ranks) if (m, r, s, args.epochs) not in have]
+    table = ResultTable(out, FIELDS, key=["model", "method", "rank", "seed", "epochs", "train_examples"])
     mnist = load_mnist()  # to tensors once: indexing a formatted Dataset per cell is slow
-    data = {split: (mnist[split]["pixel_values"], mnist[split]["labels"]) for split in ("train", "test")}
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = lambda x, **k: x  # noqa: E731
-    new_file = not os.path.exists(out)
-    with open(out, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-        for method, rank, seed in tqdm(todo, desc=f"mnist {args.model}"):
-            start = time.perf_counter()
-            accuracy = run_cell(args.model, method, rank, seed, args.epochs, data, limit=limit)
-            row = {"model": args.model, "method": method, "rank": rank, "seed": seed, "epochs": args.epochs,
-                   "test_accuracy": f"{accuracy:.4f}", "seconds": f"{time.perf_counter() - start:.1f}"}
-            writer.writerow(row)
-            fh.flush()
-            done.append(row)
-    rows = [r for r in done if int(r["epochs"]) == args.epochs]
-    print(f"{'method':<8} {'rank':>5} {'test acc (mean of seeds)':>26}")
-    for method, rank in cells(args.ranks):
-        accs = [float(r["test_accuracy"]) for r in rows if r["method"] == method and int(r["rank"]) == rank]
-        if accs:
-            print(f"{method:<8} {rank:>5} {100 * statistics.mean(accs):>25.2f}%  (n={len(accs)})")
-    plot(rows, out[:-4] + ".png")
+    train = (mnist["train"]["pixel_values"][:examples], mnist["train"]["labels"][:examples])
+    test = (mnist["test"]["pixel_values"][:test_limit], mnist["test"]["labels"][:test_limit])
+    common = {"model": args.model, "epochs": epochs, "train_examples": examples}
+
+    def run(cell: dict) -> dict:
+        torch.manual_seed(cell["seed"])
+        result = train_classifier(build(args.model), train, test, cell["method"], cell["rank"], cell["seed"], epochs)
+        return {"test_accuracy": f"{result['accuracy']:.4f}"}
+
+    todo = [dict(common, **c) for c in cells(args.model, args.ranks, args.seeds, args.sweep_seeds)]
+    table.run(todo, run, desc=f"mnist {args.model}")
+    rows = table.select(**common)
+    shown = [c for c in method_cells(args.ranks, CLASSES) if args.model != "convnext" or c[2]]
+    print(summary_table(rows, shown))
+    plot_rank_sweep(rows, out[:-4] + ".png", f"MNIST {args.model.upper()}: test accuracy vs feedback rank",
+                    headline_rank=CLASSES)
     return rows
 
 

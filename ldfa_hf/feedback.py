@@ -169,6 +169,10 @@ class FeedbackHook:
     def module(self) -> nn.Module:
         return self._module
 
+    @property
+    def weight_trains(self) -> bool:
+        return self._module.weight.requires_grad
+
     def weight_matrix(self) -> Tensor:
         """W as ``m × n``; refuses a weight that FSDP / ZeRO-3 has sharded away outside forward."""
         reason = sharded_weight_reason(self._module.weight)

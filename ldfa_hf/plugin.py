@@ -171,6 +171,8 @@ class LDFAPlugin:
         if self.rule.needs:
             self._average_statistics(hooks)
             hooks = [hook for hook in hooks if hook.samples > 0]  # skip layers unused since the last step
+        if self.rule.follows_weight:
+            hooks = [hook for hook in hooks if hook.weight_trains]
         if not hooks:
             return
         grads = self.rule.all_gradients(hooks)
@@ -268,19 +270,21 @@ class LDFAPlugin:
         """Estimated multiply-adds per training step in the targeted layers, backprop vs LDFA.
 
         Uses the samples each layer saw in its last forward (1 if it has not run yet).
-        Layers whose input needs no gradient (e.g. the first layer) save nothing.
+        Layers whose input needs no gradient (e.g. the first layer) save nothing; frozen
+        weights (LoRA's base) cost no ``δᵀx``, so there backprop's backward is all ``δ W``.
         """
         bp_backward = ldfa_backward = forward = rule_cost = 0
         for name, hook in self._hooks.items():
             m, n = self._targets[name].shape
             r, N = hook.rank, max(hook.last_samples, 1)
+            weight_grad = N * m * n if hook.weight_trains else 0
             forward += N * m * n
-            bp_backward += N * m * n * (2 if hook.input_needs_grad else 1)
+            bp_backward += weight_grad + (N * m * n if hook.input_needs_grad else 0)
             if self.rule.exact:
-                ldfa_backward += N * m * n * (2 if hook.input_needs_grad else 1)
+                ldfa_backward += weight_grad + (N * m * n if hook.input_needs_grad else 0)
                 continue
-            ldfa_backward += N * m * n + (N * r * (m + n) if hook.input_needs_grad else 0)
-            if self.rule.name == "svd":
+            ldfa_backward += weight_grad + (N * r * (m + n) if hook.input_needs_grad else 0)
+            if self.rule.name == "svd" and hook.weight_trains:
                 rule_cost += 2 * m * n * r
             elif self.rule.name == "local":
                 rule_cost += N * r * (m + 2 * n)

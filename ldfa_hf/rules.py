@@ -63,6 +63,7 @@ class Rule:
     direct = False      # the output error goes straight to every layer (dfa)
     trains = False      # P, Q have an optimizer
     refreshes = False   # re-initialised from W every ``refresh_every`` steps
+    follows_weight = False  # P, Q only track W: nothing to learn while W is frozen
     lr = 0.0
     weight_decay = 0.0
     error_clip: Optional[float] = None
@@ -136,6 +137,7 @@ class SVD(Rule):
     name = "svd"
     trains = True
     refreshes = True
+    follows_weight = True  # a frozen W (LoRA's base) keeps its truncated SVD from attach: no descent
     lr = 0.015
     weight_decay = 0.0
     grad_clip = 1.0

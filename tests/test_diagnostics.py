@@ -93,3 +93,36 @@ def test_dfa_diagnostics():
     stats = plugin.stats(batch)
     assert math.isnan(stats["mean_feedback_error"]) and stats["mean_angle"] > 10
     assert "on 15 layers" in plugin.summary(print_fn=None)
+
+
+def test_frozen_weights_cost_no_weight_gradient_and_no_svd_descent():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    for layer in (model[0], model[2]):
+        layer.weight.requires_grad_(False)  # LoRA's base: frozen, its error still flows down
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rank=4))
+    model(torch.randn(32, 64, requires_grad=True)).sum().backward()
+    cost, N = plugin.cost(), 32
+    assert cost["backward_bp"] == N * 64 * 64 * 2 + N * 640 * 2  # frozen: only δ W, trained: δ W and δᵀx
+    assert cost["backward_ldfa"] == 2 * N * 4 * 128 + N * 640 + N * 4 * 74 + cost["rule"]
+    assert cost["rule"] == 2 * 640 * 4  # the svd descent only for the trained head
+
+
+def test_svd_rule_leaves_factors_of_frozen_weights_at_their_svd():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 40), nn.Tanh(), nn.Linear(40, 6))
+    model[0].weight.requires_grad_(False)
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rank=4, refresh_every=None))
+    factors = lambda: [plugin.state_dict()[k].clone() for k in ("0.P", "0.Q", "2.P", "2.Q")]  # noqa: E731
+    before = factors()
+    with torch.no_grad():
+        model[2].weight.add_(0.05 * torch.randn_like(model[2].weight))  # the head moves, the base cannot
+    for _ in range(5):
+        model(torch.randn(16, 48, requires_grad=True)).sum().backward()
+        plugin.step()
+    after = factors()
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert not torch.equal(before[2], after[2])  # the trained layer still descends
+    # what the frozen layer keeps is the best rank-4 approximation (Eckart–Young), up to the
+    # randomised SVD's error (0.25% on this flat random spectrum; random factors would be ~100%)
+    s = torch.linalg.svdvals(model[0].weight)
+    assert math.isclose(plugin.stats()["layers"]["0"]["feedback_error"], float(s[4:].norm() / s.norm()), rel_tol=1e-2)

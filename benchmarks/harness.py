@@ -1,0 +1,200 @@
+"""What every accuracy experiment shares: the methods, a training loop, resumable result tables, plots.
+
+A *method* is a name from ``METHODS`` plus a rank: ``bp`` trains the model unwrapped (plain
+autograd), every other name is an ``LDFAConfig.rule`` — the LDFA rules at a rank sweep, the
+``fixed`` low-rank ablation, and the full-rank ``fa`` / ``dfa`` baselines.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import time
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+import ldfa_hf
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+METHODS = ("bp", "svd", "local", "oja", "fixed", "fa", "dfa")
+LABELS = {"bp": "backprop", "svd": "LDFA svd", "local": "LDFA local", "oja": "LDFA oja",
+          "fixed": "fixed low-rank", "fa": "FA", "dfa": "DFA"}
+
+
+def method_cells(ranks: Iterable[int], headline_rank: int) -> list[tuple[str, int, bool]]:
+    """(method, rank, headline) for a rank sweep: references, svd at every rank, the other rules at the headline rank."""
+    cells = [("bp", 0, True), ("fa", 0, True), ("dfa", 0, True)]
+    cells += [("svd", r, r == headline_rank) for r in ranks]
+    if headline_rank in ranks:
+        cells += [("local", headline_rank, False), ("oja", headline_rank, False), ("fixed", headline_rank, True)]
+    return cells
+
+
+def attach(model: nn.Module, method: str, rank: int, seed: int, refresh_every: int | None, **config):
+    """Wrap ``model`` for ``method`` (None for ``bp``: backprop is the model as it is)."""
+    if method == "bp":
+        return None
+    return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rule=method, rank=max(rank, 1), seed=seed,
+                                                  refresh_every=refresh_every, **config))
+
+
+def logits_of(output) -> torch.Tensor:
+    return getattr(output, "logits", output)
+
+
+def train_classifier(model: nn.Module, train: tuple, test: tuple, method: str, rank: int, seed: int, epochs: int,
+                     batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 1e-4) -> dict:
+    """Train with AdamW and cross-entropy; LDFA refreshes its SVD every half epoch (as the authors do).
+
+    Returns test accuracy, the per-step training losses and the median step time.
+    """
+    (x_train, y_train), (x_test, y_test) = train, test
+    steps_per_epoch = len(y_train) // batch_size
+    plugin = attach(model, method, rank, seed, refresh_every=max(1, steps_per_epoch // 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    curve, step_s = [], []
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(y_train), generator=gen)
+        for start in range(0, steps_per_epoch * batch_size, batch_size):
+            idx = order[start:start + batch_size]
+            t0 = time.perf_counter()
+            loss = nn.functional.cross_entropy(logits_of(model(x_train[idx])), y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if plugin is not None:
+                plugin.step()
+            step_s.append(time.perf_counter() - t0)
+            curve.append(loss.item())
+    return {"accuracy": accuracy(model, x_test, y_test), "curve": curve, "step_s": statistics.median(step_s)}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    was_training = model.training
+    model.eval()
+    correct = sum(int((logits_of(model(x[i:i + batch_size])).argmax(-1) == y[i:i + batch_size]).sum())
+                  for i in range(0, len(y), batch_size))
+    model.train(was_training)
+    return correct / len(y)
+
+
+class ResultTable:
+    """A CSV of finished cells: a re-run skips every cell already in it, so long sweeps can be interrupted."""
+
+    def __init__(self, path: str, fields: list[str], key: list[str]) -> None:
+        self.path, self.fields, self.key = path, fields, key
+        self.rows: list[dict] = []
+        if os.path.exists(path):
+            with open(path, newline="") as fh:
+                self.rows = list(csv.DictReader(fh))
+
+    def _key(self, row: dict) -> tuple:
+        return tuple(str(row[k]) for k in self.key)
+
+    def missing(self, cells: list[dict]) -> list[dict]:
+        have = {self._key(r) for r in self.rows}
+        return [c for c in cells if self._key(c) not in have]
+
+    def add(self, row: dict) -> None:
+        new_file = not os.path.exists(self.path)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self.fields)
+            if new_file:
+                writer.writeheader()
+            writer.writerow({k: row[k] for k in self.fields})
+        self.rows.append({k: str(row[k]) for k in self.fields})
+
+    def run(self, cells: list[dict], fn: Callable[[dict], dict], desc: str) -> list[dict]:
+        """Run ``fn(cell) -> measurements`` for every missing cell, appending each row as soon as it is done."""
+        from tqdm import tqdm
+
+        for cell in tqdm(self.missing(cells), desc=desc):
+            start = time.perf_counter()
+            row = dict(cell, **fn(cell))
+            row.setdefault("seconds", f"{time.perf_counter() - start:.1f}")
+            self.add(row)
+        return self.rows
+
+    def select(self, **where) -> list[dict]:
+        return [r for r in self.rows if all(r[k] == str(v) for k, v in where.items())]
+
+
+def mean_of(rows: list[dict], column: str, **where) -> tuple[float, int] | tuple[None, int]:
+    values = [float(r[column]) for r in rows if all(r[k] == str(v) for k, v in where.items())]
+    return (statistics.mean(values) if values else None), len(values)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_rank_sweep(rows: list[dict], path: str, title: str, column: str = "test_accuracy", scale: float = 100.0,
+                    ylabel: str = "test accuracy (%)", headline_rank: int | None = None) -> str:
+    """svd's metric vs rank, other rules as markers at their rank, bp/fa/dfa as horizontal reference lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ranks = sorted({int(r["rank"]) for r in rows if r["method"] == "svd"})
+    if ranks:
+        ax.plot(ranks, [scale * mean_of(rows, column, method="svd", rank=k)[0] for k in ranks], "o-", label="LDFA (svd)")
+    for method, style in (("local", "s"), ("oja", "^"), ("fixed", "x")):
+        for k in sorted({int(r["rank"]) for r in rows if r["method"] == method}):
+            ax.plot([k], [scale * mean_of(rows, column, method=method, rank=k)[0]], style,
+                    label=f"{LABELS[method]} r={k}", markersize=8)
+    for method, color in (("bp", "k"), ("fa", "tab:red"), ("dfa", "tab:purple")):
+        value, n = mean_of(rows, column, method=method)
+        if n:
+            ax.axhline(scale * value, color=color, ls="--", lw=1, label=LABELS[method])
+    if headline_rank:
+        ax.axvline(headline_rank, color="grey", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("feedback rank r")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(curves: dict[str, list[float]], path: str, title: str, ylabel: str = "training loss",
+                xlabel: str = "training step", window: int = 20) -> str:
+    """Moving-average curves, one per label."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, values in curves.items():
+        smooth = [statistics.mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+        ax.plot(smooth, label=label, lw=1.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def summary_table(rows: list[dict], cells: list[tuple[str, int, bool]], column: str = "test_accuracy",
+                  scale: float = 100.0, unit: str = "%") -> str:
+    """Markdown-ish console table: mean over seeds and its difference from bp."""
+    bp, _ = mean_of(rows, column, method="bp")
+    lines = [f"{'method':<16} {'rank':>5} {column + ' (mean)':>22} {'vs bp':>8} {'seeds':>6}"]
+    for method, rank, _ in cells:
+        value, n = mean_of(rows, column, method=method, rank=rank)
+        if n:
+            delta = "" if bp is None or method == "bp" else f"{scale * (value - bp):+.2f}"
+            lines.append(f"{LABELS[method]:<16} {rank or '—':>5} {scale * value:>21.2f}{unit} {delta:>8} {n:>6}")
+    return "\n".join(lines)
