@@ -9,6 +9,7 @@ and nothing else.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
@@ -141,6 +142,7 @@ def load_mnist() -> DatasetDict:
 
 
 # -- text ---------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)  # one extraction per process: both Shakespeare loaders read it
 def shakespeare_plays() -> dict[str, str]:
     """Play name → full text (the modern Gutenberg edition, one per play)."""
     archive = fetch("shakespeare")

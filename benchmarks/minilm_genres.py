@@ -31,6 +31,7 @@ from .harness import RESULTS, ResultTable, attach, plot_curves
 
 FIELDS = ["mode", "method", "rank", "seed", "train_examples", "test_accuracy", "step_ms", "loss_curve", "seconds"]
 LR = {"full": 1e-4, "lora": 1e-3}
+LOG_EVERY = 5  # optimizer steps between logged training losses
 
 
 class StepTimer(TrainerCallback):
@@ -70,7 +71,7 @@ def fine_tune(mode: str, method: str, rank: int, seed: int, data, epochs: float,
         args = TrainingArguments(
             output_dir=out, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
             per_device_eval_batch_size=64, learning_rate=LR[mode], warmup_steps=max(1, steps // 10), weight_decay=0.01,
-            logging_steps=5, save_strategy="no", report_to=[], seed=seed, disable_tqdm=True,
+            logging_steps=LOG_EVERY if steps >= 4 * LOG_EVERY else 1, save_strategy="no", report_to=[], seed=seed, disable_tqdm=True,
             use_cpu=not torch.cuda.is_available())
         trainer = Trainer(model=model, args=args, train_dataset=data["train"], callbacks=callbacks)
         trainer.train()
@@ -126,7 +127,7 @@ def main(argv=None) -> list[dict]:
                 print(f"{mode:<6} {method:<10} {100 * acc:>15.2f}% {ms:>9.1f} {len(cell):>6}")
                 curves[f"{label} ({100 * acc:.1f}%)"] = [float(p.split(":")[1]) for p in cell[0]["loss_curve"].split()]
     plot_curves(curves, args.out[:-4] + "_loss.png", "MiniLM on Shakespeare genres: training loss",
-                xlabel="logging step (every 5 optimizer steps)", window=3)
+                xlabel=f"logged step (every {LOG_EVERY} optimizer steps)", window=3)
     return rows
 
 

@@ -1,17 +1,21 @@
 """Training-step time and peak memory: backprop vs LDFA, measured side by side in one run.
 
-Cases (issue #2):
-  mlp    4 × Linear(2048) + GELU, batch 1024, r = 32
-  llama  Llama-style decoder: hidden 768, intermediate 2048, 4 layers, 12 heads,
-         seq 256, vocab 8000, batch 4, r = 32
+Cases:
+  mlp         4 × Linear(2048) + GELU, batch 1024, r = 32 (pretraining: every weight trains)
+  llama       Llama-style decoder: hidden 768, intermediate 2048, 4 layers, 12 heads,
+              seq 256, vocab 8000, batch 4, r = 32
+  mlp-lora    the mlp with its weights frozen and PEFT LoRA (r = 8) adapters on every layer
+  llama-lora  the llama, frozen, LoRA (r = 8) on every attention and MLP projection
 
 For each case: the median step time (forward + backward + fused AdamW + plugin.step()) of a
 never-wrapped model, of LDFA (svd rule) and of ``rule="bp"``, repetitions interleaved so
 drift hits all alike (ratios are medians of per-round ratios); and the peak memory of each (CUDA: max allocated; CPU: the peak
 resident set of a fresh process, minus its size before the first step).
 
-    python -m benchmarks.speed                  # both cases, 7 repetitions
+    python -m benchmarks.speed                  # mlp and llama, 7 repetitions
+    python -m benchmarks.speed --cases llama-lora mlp-lora
     python -m benchmarks.speed --phases         # where the time goes: forward, backward, optimizer, plugin
+    python -m benchmarks.speed --sweep          # mlp and mlp-lora over widths 512–4096 × ranks 8–128, with plot
     python -m benchmarks.speed --tiny           # seconds, for the tests
 """
 
@@ -34,18 +38,25 @@ import ldfa_hf
 METHODS = ("backprop", "ldfa", "bp-rule")
 
 
-def build(case: str, tiny: bool):
-    """(model, make_batch, loss_fn) for a case; ``tiny`` shrinks it to run in seconds."""
-    if case == "mlp":
-        width, batch = (64, 32) if tiny else (2048, 1024)
+CASES = ("mlp", "llama", "mlp-lora", "llama-lora")
+LORA_R = 8
+
+
+def build(case: str, tiny: bool, width: int | None = None):
+    """(model, make_batch, loss_fn) for a case; ``tiny`` shrinks it to run in seconds, ``width`` sets the mlp's."""
+    base, lora = case.removesuffix("-lora"), case.endswith("-lora")
+    if base == "mlp":
+        width = width or (64 if tiny else 2048)
+        batch = 32 if tiny else 1024
         layers = []
         for _ in range(4):
             layers += [nn.Linear(width, width), nn.GELU()]
         model = nn.Sequential(*layers[:-1])
         x = torch.randn(batch, width)
         target = torch.randn(batch, width)
+        model = with_lora(model, ["0", "2", "4", "6"]) if lora else model
         return model, lambda: {"input": x}, lambda model, b: nn.functional.mse_loss(model(b["input"]), target)
-    if case == "llama":
+    if base == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
         hidden, inter, layers, heads, seq, vocab, batch = (
@@ -54,24 +65,39 @@ def build(case: str, tiny: bool):
         config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                              num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq)
         model = LlamaForCausalLM(config)
+        if lora:
+            model = with_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
         return model, lambda: {"input_ids": ids, "labels": ids}, lambda model, b: model(**b).loss
-    raise ValueError(f"unknown case {case!r}; choose mlp or llama")
+    raise ValueError(f"unknown case {case!r}; choose from {CASES}")
+
+
+def with_lora(model: nn.Module, target_modules: list[str]) -> nn.Module:
+    """Freeze ``model`` and add PEFT LoRA adapters (B initialised non-zero, as after some training)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules=target_modules,
+                                             lora_dropout=0.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.01)
+    return model
 
 
 class Runner:
     """One model + optimizer (+ plugin) that can take a timed training step."""
 
-    def __init__(self, case: str, method: str, rank: int, tiny: bool, device: str) -> None:
+    def __init__(self, case: str, method: str, rank: int, tiny: bool, device: str, width: int | None = None) -> None:
         torch.manual_seed(0)
-        model, self.make_batch, self.loss_fn = build(case, tiny)
+        model, self.make_batch, self.loss_fn = build(case, tiny, width)
         self.model = model.to(device)
         self.batch = {k: v.to(device) for k, v in self.make_batch().items()}
         self.plugin = None
         if method != "backprop":
             rule = "svd" if method == "ldfa" else "bp"
             self.plugin = ldfa_hf.wrap(self.model, ldfa_hf.LDFAConfig(rank=rank, rule=rule))
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
         self.device = device
 
     def step(self) -> float:
@@ -105,10 +131,10 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_memory(case: str, method: str, rank: int, tiny: bool, device: str) -> int:
+def peak_memory(case: str, method: str, rank: int, tiny: bool, device: str, width: int | None = None) -> int:
     """Bytes of peak memory a training step adds on top of model + optimizer state."""
     if device.startswith("cuda"):
-        runner = Runner(case, method, rank, tiny, device)
+        runner = Runner(case, method, rank, tiny, device, width)
         runner.step()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -117,14 +143,15 @@ def peak_memory(case: str, method: str, rank: int, tiny: bool, device: str) -> i
         return torch.cuda.max_memory_allocated() - base
     # CPU: a fresh process per method, since the resident-set peak only ever rises
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speed", "--memory-probe", case, method, str(rank)] + (["--tiny"] if tiny else []),
+        [sys.executable, "-m", "benchmarks.speed", "--memory-probe", case, method, str(rank)]
+        + (["--tiny"] if tiny else []) + (["--width", str(width)] if width else []),
         capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def _memory_probe(case: str, method: str, rank: int, tiny: bool) -> None:
-    runner = Runner(case, method, rank, tiny, "cpu")
+def _memory_probe(case: str, method: str, rank: int, tiny: bool, width: int | None) -> None:
+    runner = Runner(case, method, rank, tiny, "cpu", width)
     runner.step()  # optimizer state and gradients exist from here on
     base = _rss_bytes()
     runner.step()
@@ -132,7 +159,7 @@ def _memory_probe(case: str, method: str, rank: int, tiny: bool) -> None:
     print(max(peak - base, 0))
 
 
-def measure(case: str, rank: int, reps: int, warmup: int, tiny: bool, device: str) -> dict:
+def measure(case: str, rank: int, reps: int, warmup: int, tiny: bool, device: str, with_memory: bool = True) -> dict:
     runners = {m: Runner(case, m, rank, tiny, device) for m in METHODS}
     times = {m: [] for m in METHODS}
     for i in range(warmup + reps):
@@ -146,14 +173,14 @@ def measure(case: str, rank: int, reps: int, warmup: int, tiny: bool, device: st
     paired_bp_rule = statistics.median(r / b for b, r in zip(times["backprop"], times["bp-rule"]))
     estimate = runners["ldfa"].plugin.cost()
     del runners
-    memory = {m: peak_memory(case, m, rank, tiny, device) for m in METHODS}
+    memory = {m: peak_memory(case, m, rank, tiny, device) if with_memory else 0 for m in METHODS}
     return {
         "case": case, "rank": rank, "device": device, "reps": reps,
         "step_s": median,
         "speedup_ldfa": paired,
         "bp_rule_overhead": paired_bp_rule,
         "memory_bytes": memory,
-        "memory_ratio_ldfa": memory["ldfa"] / max(memory["backprop"], 1),
+        "memory_ratio_ldfa": memory["ldfa"] / max(memory["backprop"], 1) if memory["backprop"] else float("nan"),
         "estimated_backward_saved": estimate["backward_saved"],
         "estimated_step_saved_in_targets": estimate["step_saved"],
     }
@@ -175,9 +202,80 @@ def phase_table(case: str, rank: int, reps: int, warmup: int, tiny: bool, device
     return table
 
 
+SWEEP_FIELDS = ["case", "device", "width", "rank", "tokens", "reps", "backprop_ms", "ldfa_ms", "speedup",
+                "est_speedup", "mem_backprop_mb", "mem_ldfa_mb", "mem_ratio"]
+
+
+def sweep(args) -> list[dict]:
+    """Speed-up and memory ratio over widths × ranks, for pretraining (mlp) and LoRA (mlp-lora)."""
+    from .harness import RESULTS, ResultTable
+
+    out = args.out or os.path.join(RESULTS, "speed_sweep.csv")
+    table = ResultTable(out, SWEEP_FIELDS, key=["case", "device", "width", "rank", "reps"])
+    for case in ("mlp", "mlp-lora"):
+        for width in args.widths:
+            cells = table.missing([{"case": case, "device": args.device, "width": width, "rank": r, "reps": args.reps}
+                                   for r in args.ranks])
+            if not cells:
+                continue
+            backprop = Runner(case, "backprop", 0, args.tiny, args.device, width)
+            mem_bp = peak_memory(case, "backprop", 0, args.tiny, args.device, width)
+            for cell in cells:
+                ldfa = Runner(case, "ldfa", cell["rank"], args.tiny, args.device, width)
+                times = {"backprop": [], "ldfa": []}
+                for i in range(args.warmup + args.reps):
+                    for method, runner in (("backprop", backprop), ("ldfa", ldfa)):
+                        t = runner.step()
+                        if i >= args.warmup:
+                            times[method].append(t)
+                cost = ldfa.plugin.cost()
+                tokens = max(h.last_samples for h in ldfa.plugin._hooks.values())
+                del ldfa
+                mem_ldfa = peak_memory(case, "ldfa", cell["rank"], args.tiny, args.device, width)
+                row = dict(cell, tokens=tokens,
+                           backprop_ms=f"{1000 * statistics.median(times['backprop']):.1f}",
+                           ldfa_ms=f"{1000 * statistics.median(times['ldfa']):.1f}",
+                           speedup=f"{statistics.median(b / l for b, l in zip(times['backprop'], times['ldfa'])):.3f}",
+                           est_speedup=f"{(cost['forward'] + cost['backward_bp']) / (cost['forward'] + cost['backward_ldfa']):.3f}",
+                           mem_backprop_mb=f"{mem_bp / 2**20:.1f}", mem_ldfa_mb=f"{mem_ldfa / 2**20:.1f}",
+                           mem_ratio=f"{mem_ldfa / max(mem_bp, 1):.3f}")
+                table.add(row)
+                print(" ".join(f"{k}={row[k]}" for k in SWEEP_FIELDS), flush=True)
+            del backprop
+    rows = [r for r in table.rows if r["device"] == args.device and int(r["reps"]) == args.reps]
+    plot_sweep(rows, out[:-4] + ".png")
+    return rows
+
+
+def plot_sweep(rows: list[dict], path: str) -> str:
+    """Measured speed-up (solid) and the FLOP estimate of ``cost()`` (dashed) vs width, one colour per rank."""
+    from .harness import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, case, title in zip(axes, ("mlp", "mlp-lora"), ("pretraining (all weights train)", f"LoRA r={LORA_R} (base frozen)")):
+        for color, rank in zip(("tab:blue", "tab:orange", "tab:green", "tab:red"), sorted({int(r["rank"]) for r in rows})):
+            cell = sorted((int(r["width"]), float(r["speedup"]), float(r["est_speedup"]))
+                          for r in rows if r["case"] == case and int(r["rank"]) == rank)
+            if cell:
+                widths, measured, estimate = zip(*cell)
+                ax.plot(widths, measured, "o-", color=color, label=f"r={rank} measured")
+                ax.plot(widths, estimate, "--", color=color, lw=1, label=f"r={rank} FLOP estimate")
+        ax.axhline(1.0, color="k", lw=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("layer width (4 layers, 1024 tokens per step)")
+        ax.set_title(title)
+    axes[0].set_ylabel("step-time speed-up backprop / LDFA")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["mlp", "llama"])
+    parser.add_argument("--cases", nargs="+", default=["mlp", "llama"], choices=CASES)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
@@ -185,14 +283,21 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None, help="CSV file to append results to")
     parser.add_argument("--phases", action="store_true", help="per-phase medians (forward, backward, optimizer, plugin) instead")
+    parser.add_argument("--no-memory", action="store_true", help="time only (memory needs a fresh process per method on CPU)")
+    parser.add_argument("--sweep", action="store_true", help="mlp and mlp-lora over --widths × --ranks, CSV and plot")
+    parser.add_argument("--widths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--width", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-probe", nargs=3, metavar=("CASE", "METHOD", "RANK"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
         case, method, rank = args.memory_probe
-        _memory_probe(case, method, int(rank), args.tiny)
+        _memory_probe(case, method, int(rank), args.tiny, args.width)
         return []
     if args.tiny:
         args.reps, args.warmup = 2, 1
+    if args.sweep:
+        return sweep(args)
     if args.phases:
         return [phase_table(case, args.rank, args.reps, args.warmup, args.tiny, args.device) for case in args.cases]
     results = []
@@ -200,7 +305,7 @@ def main(argv=None) -> list[dict]:
     print(f"{'case':<6} {'backprop ms':>12} {'ldfa ms':>9} {'bp/ldfa':>8} {'bp-rule/never':>14} "
           f"{'mem bp MB':>10} {'mem ldfa MB':>12} {'mem ratio':>10} {'est. bwd saved':>15}")
     for case in args.cases:
-        r = measure(case, args.rank, args.reps, args.warmup, args.tiny, args.device)
+        r = measure(case, args.rank, args.reps, args.warmup, args.tiny, args.device, with_memory=not args.no_memory)
         results.append(r)
         s, mem = r["step_s"], r["memory_bytes"]
         print(f"{case:<6} {1000 * s['backprop']:>12.1f} {1000 * s['ldfa']:>9.1f} {r['speedup_ldfa']:>7.3f}x "

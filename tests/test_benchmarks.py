@@ -1,6 +1,9 @@
 """Every experiment and the demo run in a tiny mode (their numbers are not asserted here)."""
 
+import math
 import os
+
+import pytest
 
 from benchmarks import demo, speed
 
@@ -54,3 +57,73 @@ def test_mnist_sweep_tiny_resumes_finished_cells(tmp_path, capsys, monkeypatch):
     lines = out.read_text().splitlines()
     mnist.main(["--tiny", "--out", str(out)])  # every cell is done: nothing is re-run
     assert out.read_text().splitlines() == lines
+
+
+def _needs(loader):
+    import pytest
+
+    from benchmarks import data
+
+    try:
+        return loader()
+    except data.DataUnavailable as err:  # a machine without registry access
+        pytest.skip(str(err))
+
+
+@pytest.mark.parametrize("model", ["cnn", "vit", "convnext"])
+def test_mnist_models_tiny(tmp_path, model, monkeypatch):
+    from benchmarks import data, harness, mnist
+
+    monkeypatch.setenv("LDFA_HF_NO_HUB", "1")
+    _needs(data.load_mnist)
+    out = tmp_path / f"{model}.csv"
+    rows = mnist.main(["--tiny", "--model", model, "--out", str(out)])
+    methods = {r["method"] for r in rows}
+    # ConvNeXt (experiment c) runs the headline methods only
+    assert methods == ({"bp", "fa", "dfa", "svd", "fixed"} if model == "convnext" else {m for m, _, _ in harness.method_cells([2, 10], 10)})
+    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
+    assert os.path.getsize(str(out)[:-4] + ".png") > 1000
+
+
+def test_shakespeare_lm_tiny(tmp_path, monkeypatch):
+    from benchmarks import data, shakespeare_lm
+
+    monkeypatch.setenv("LDFA_HF_NO_HUB", "1")
+    _needs(data.shakespeare_plays)
+    out = tmp_path / "lm.csv"
+    rows = shakespeare_lm.main(["--tiny", "--out", str(out)])
+    assert {(r["method"], r["rank"]) for r in rows} == {("bp", "0"), ("svd", "64"), ("svd", "8"), ("fixed", "64"), ("fa", "0")}
+    for r in rows:  # a perplexity is exp(loss), and every evaluation point is in the curve
+        assert abs(float(r["val_perplexity"]) - math.exp(float(r["val_loss"]))) < 1e-2 * float(r["val_perplexity"])
+        assert [p.split(":")[0] for p in r["val_curve"].split()] == ["2", "4"]
+    assert os.path.getsize(str(out)[:-4] + ".png") > 1000 and os.path.getsize(str(out)[:-4] + "_curves.png") > 1000
+
+
+def test_minilm_genres_tiny(tmp_path, monkeypatch):
+    from benchmarks import data, minilm_genres
+
+    monkeypatch.setenv("LDFA_HF_NO_HUB", "1")
+    _needs(data.minilm_path)
+    out = tmp_path / "minilm.csv"
+    rows = minilm_genres.main(["--tiny", "--out", str(out)])
+    assert {(r["mode"], r["method"]) for r in rows} == {("full", "bp"), ("full", "svd"), ("lora", "bp"), ("lora", "svd")}
+    assert all(float(r["step_ms"]) > 0 and r["loss_curve"] for r in rows)
+    assert os.path.getsize(str(out)[:-4] + "_loss.png") > 1000
+
+
+def test_speed_sweep_tiny_covers_pretraining_and_lora(tmp_path):
+    out = tmp_path / "sweep.csv"
+    rows = speed.main(["--tiny", "--sweep", "--widths", "32", "--ranks", "4", "--out", str(out)])
+    assert {r["case"] for r in rows} == {"mlp", "mlp-lora"}
+    by_case = {r["case"]: r for r in rows}
+    # the FLOP estimate: a frozen base saves more of its backward than a trained one
+    assert float(by_case["mlp-lora"]["est_speedup"]) > float(by_case["mlp"]["est_speedup"]) > 1.0
+    assert os.path.getsize(str(out)[:-4] + ".png") > 1000
+    assert speed.main(["--tiny", "--sweep", "--widths", "32", "--ranks", "4", "--out", str(out)]) == rows  # resumed
+
+
+def test_speed_lora_llama_tiny():
+    pretrain, lora = speed.main(["--tiny", "--cases", "llama", "llama-lora", "--rank", "4", "--no-memory"])
+    assert lora["speedup_ldfa"] > 0
+    # LoRA's frozen base has no δᵀx to compute, so LDFA removes a larger share of its backward
+    assert lora["estimated_backward_saved"] > pretrain["estimated_backward_saved"] > 0
