@@ -76,12 +76,16 @@ def train_classifier(model: nn.Module, train: tuple, test: tuple, method: str, r
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Test accuracy through the package's offline ``evaluate`` metric."""
+    from ldfa_hf.metrics import Accuracy
+
+    metric = Accuracy()
     was_training = model.training
     model.eval()
-    correct = sum(int((logits_of(model(x[i:i + batch_size])).argmax(-1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(y), batch_size))
+    for i in range(0, len(y), batch_size):
+        metric.add_batch(predictions=logits_of(model(x[i:i + batch_size])).argmax(-1), references=y[i:i + batch_size])
     model.train(was_training)
-    return correct / len(y)
+    return metric.compute()["accuracy"]
 
 
 class ResultTable:
@@ -188,13 +192,13 @@ def plot_curves(curves: dict[str, list[float]], path: str, title: str, ylabel: s
 
 
 def summary_table(rows: list[dict], cells: list[tuple[str, int, bool]], column: str = "test_accuracy",
-                  scale: float = 100.0, unit: str = "%") -> str:
+                  scale: float = 100.0, unit: str = "%", digits: int = 2) -> str:
     """Markdown-ish console table: mean over seeds and its difference from bp."""
     bp, _ = mean_of(rows, column, method="bp")
     lines = [f"{'method':<16} {'rank':>5} {column + ' (mean)':>22} {'vs bp':>8} {'seeds':>6}"]
     for method, rank, _ in cells:
         value, n = mean_of(rows, column, method=method, rank=rank)
         if n:
-            delta = "" if bp is None or method == "bp" else f"{scale * (value - bp):+.2f}"
-            lines.append(f"{LABELS[method]:<16} {rank or '—':>5} {scale * value:>21.2f}{unit} {delta:>8} {n:>6}")
+            delta = "" if bp is None or method == "bp" else f"{scale * (value - bp):+.{digits}f}"
+            lines.append(f"{LABELS[method]:<16} {rank or '—':>5} {scale * value:>21.{digits}f}{unit} {delta:>8} {n:>6}")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Fine-tune pretrained MiniLM-L6 to tell comedy, history and tragedy apart (experiment e).
 
-    python -m benchmarks.minilm_genres          # full fine-tuning and LoRA, bp vs LDFA r=8, 3 seeds
+    python -m benchmarks.minilm_genres          # full and LoRA: bp vs LDFA svd r=8 (3 seeds); oja r=8, svd r=64
     python -m benchmarks.minilm_genres --tiny   # seconds
 
 256-character passages of Shakespeare's plays, labelled by the play's First-Folio genre; the
@@ -91,11 +91,21 @@ def tokenized(train_examples: int, test_examples: int, chunk_chars: int, max_len
                     batched=True, remove_columns=["text", "play"])
 
 
+def cells(modes: list[str], rank: int, seeds: int) -> list[tuple[str, str, int, int]]:
+    """(mode, method, rank, seeds): bp and LDFA svd in every mode over ``seeds``; oja and a 8× rank once."""
+    out = []
+    for mode in modes:
+        out += [(mode, "bp", 0, seeds), (mode, "svd", rank, seeds)]
+    if "full" in modes:
+        out += [("full", "oja", rank, 1), ("full", "svd", 8 * rank, 1)]
+    return out
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds for bp and LDFA svd")
     parser.add_argument("--train-examples", type=int, default=1000)
     parser.add_argument("--test-examples", type=int, default=600)
     parser.add_argument("--chunk-chars", type=int, default=256, help="passage length (about 60 tokens)")
@@ -109,23 +119,23 @@ def main(argv=None) -> list[dict]:
         args.seeds, args.train_examples, args.test_examples, max_length = 1, 32, 16, 32
     data = tokenized(args.train_examples, args.test_examples, args.chunk_chars, max_length)
     table = ResultTable(args.out, FIELDS, key=["mode", "method", "rank", "seed", "train_examples"])
-    todo = [{"mode": mode, "method": method, "rank": args.rank if method != "bp" else 0, "seed": s,
-             "train_examples": len(data["train"])}
-            for s in range(args.seeds) for mode in args.modes for method in ("bp", "svd")]
+    plan = cells(args.modes, args.rank, args.seeds)
+    todo = [{"mode": mode, "method": method, "rank": rank, "seed": s, "train_examples": len(data["train"])}
+            for mode, method, rank, seeds in plan for s in range(seeds)]
+    todo.sort(key=lambda c: c["seed"])
     table.run(todo, lambda c: fine_tune(c["mode"], c["method"], c["rank"], c["seed"], data, args.epochs,
                                         args.batch_size, args.tiny), desc="minilm genres")
     rows = table.select(train_examples=len(data["train"]))
-    print(f"{'mode':<6} {'method':<10} {'test acc (mean)':>16} {'step ms':>9} {'seeds':>6}")
+    print(f"{'mode':<6} {'method':<6} {'rank':>5} {'test acc (mean)':>16} {'step ms':>9} {'seeds':>6}")
     curves = {}
-    for mode in args.modes:
-        for method in ("bp", "svd"):
-            cell = [r for r in rows if r["mode"] == mode and r["method"] == method]
-            if cell:
-                acc = statistics.mean(float(r["test_accuracy"]) for r in cell)
-                ms = statistics.median(float(r["step_ms"]) for r in cell)
-                label = f"{mode} {'backprop' if method == 'bp' else f'LDFA r={args.rank}'}"
-                print(f"{mode:<6} {method:<10} {100 * acc:>15.2f}% {ms:>9.1f} {len(cell):>6}")
-                curves[f"{label} ({100 * acc:.1f}%)"] = [float(p.split(":")[1]) for p in cell[0]["loss_curve"].split()]
+    for mode, method, rank, _ in plan:
+        cell = [r for r in rows if (r["mode"], r["method"], r["rank"]) == (mode, method, str(rank))]
+        if cell:
+            acc = statistics.mean(float(r["test_accuracy"]) for r in cell)
+            ms = statistics.median(float(r["step_ms"]) for r in cell)
+            print(f"{mode:<6} {method:<6} {rank or '—':>5} {100 * acc:>15.2f}% {ms:>9.1f} {len(cell):>6}")
+            label = f"{mode} {'backprop' if method == 'bp' else f'LDFA {method} r={rank}'}"
+            curves[f"{label} ({100 * acc:.1f}%)"] = [float(p.split(":")[1]) for p in cell[0]["loss_curve"].split()]
     plot_curves(curves, args.out[:-4] + "_loss.png", "MiniLM on Shakespeare genres: training loss",
                 xlabel=f"logged step (every {LOG_EVERY} optimizer steps)", window=3)
     return rows

@@ -117,7 +117,7 @@ def main(argv=None) -> list[dict]:
     table.run(todo, lambda c: train_lm(c["method"], c["rank"], c["seed"], c["steps"], data, len(vocab), **extra),
               desc="shakespeare lm")
     rows = table.select(steps=args.steps)
-    print(summary_table(rows, cells(args.ranks, args.seeds), column="val_loss", scale=1.0, unit=""))
+    print(summary_table(rows, cells(args.ranks, args.seeds), column="val_loss", scale=1.0, unit="", digits=4))
     bp = [float(r["val_loss"]) for r in rows if r["method"] == "bp"]
     if bp:
         mean_bp = sum(bp) / len(bp)

@@ -4,19 +4,32 @@ A teacher ``y = U tanh(V x)`` with ``V`` of rank d; a student MLP with a bottlen
 must find V's row space, which it can only do if its hidden layers receive at least d
 dimensions of error.
 
-    python -m benchmarks.teacher_student            # d in {2, 4, 8, 16}, 3 seeds
+    python -m benchmarks.teacher_student            # d in {2, 4, 8, 16}; bp, svd and fixed at r = d over 3 seeds
     python -m benchmarks.teacher_student --tiny     # seconds
+
+For each d: svd and fixed feedback at ranks d/4, d/2, d, 2d, local and oja at r = d. A rank
+"matches backprop" when its mean test error is within ``matches()`` of backprop's. Cells
+already in the CSV are skipped. Results: benchmarks/results/teacher_student.csv and .png.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 
 import torch
 from torch import nn
 
 import ldfa_hf
+
+from .harness import RESULTS, ResultTable, _pyplot, mean_of
+
+FIELDS = ["d", "method", "rank", "seed", "steps", "test_nmse", "seconds"]
+
+
+def matches(loss: float, bp: float) -> bool:
+    """Backprop-level: within 4× of bp's normalised MSE, or 0.003 above it (both ≪ fixed feedback's)."""
+    return loss <= max(4 * bp, bp + 0.003)
 
 
 def teacher_data(d: int, n_in: int = 64, out: int = 16, n_train: int = 2048, n_test: int = 1024):
@@ -51,21 +64,60 @@ def run(rule: str, rank: int, d: int, seed: int = 0, steps: int = 800, hidden: i
         return float(((model(x_test) - y_test) ** 2).mean() / (y_test**2).mean())
 
 
-def main(argv=None) -> None:
+def cells(d: int, seeds: int) -> list[dict]:
+    ranks = sorted({max(1, d // 4), max(1, d // 2), d, 2 * d})
+    out = [("bp", d, seeds), ("svd", d, seeds), ("fixed", d, seeds), ("local", d, 1), ("oja", d, 1)]
+    out += [(rule, r, 1) for rule in ("svd", "fixed") for r in ranks if r != d]
+    return [{"d": d, "method": m, "rank": r, "seed": s} for m, r, n in out for s in range(n)]
+
+
+def plot(rows: list[dict], path: str) -> str:
+    plt = _pyplot()
+    dims = sorted({int(r["d"]) for r in rows})
+    fig, axes = plt.subplots(1, len(dims), figsize=(3.2 * len(dims), 3.2), squeeze=False)
+    for ax, d in zip(axes[0], dims):
+        for rule, style in (("svd", "o-"), ("fixed", "x--")):
+            ranks = sorted({int(r["rank"]) for r in rows if r["d"] == str(d) and r["method"] == rule})
+            ax.plot(ranks, [mean_of(rows, "test_nmse", d=d, method=rule, rank=k)[0] for k in ranks], style, label=rule)
+        bp, _ = mean_of(rows, "test_nmse", d=d, method="bp")
+        ax.axhline(bp, color="k", ls="--", lw=1, label="bp")
+        ax.axvline(d, color="grey", lw=0.5)
+        ax.set(xscale="log", yscale="log", title=f"d = {d}", xlabel="feedback rank r")
+    axes[0][0].set_ylabel("test error (normalised MSE)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--out", default=os.path.join(RESULTS, "teacher_student.csv"))
     parser.add_argument("--tiny", action="store_true", help="one d, one seed, few steps")
     args = parser.parse_args(argv)
     if args.tiny:
         args.dims, args.seeds, args.steps = [2], 1, 30
-    print(f"{'d':>3} {'method':>12} {'rank':>5} {'test nMSE (median of seeds)':>28}")
+    table = ResultTable(args.out, FIELDS, key=["d", "method", "rank", "seed", "steps"])
+    todo = [dict(c, steps=args.steps) for d in args.dims for c in cells(d, args.seeds)]
+    table.run(todo, lambda c: {"test_nmse": f"{run(c['method'], c['rank'], c['d'], c['seed'], c['steps']):.6f}"},
+              desc="teacher-student")
+    rows = table.select(steps=args.steps)
+    print(f"{'d':>3} {'bp':>9} {'svd r=d':>9} {'fixed r=d':>10} {'local r=d':>10} {'oja r=d':>9} "
+          f"{'smallest svd rank matching bp':>30} {'smallest fixed rank':>20}")
     for d in args.dims:
-        cells = [("bp", d), ("svd", d), ("local", d), ("oja", d), ("fixed", d), ("svd", max(d // 2, 1)), ("oja", max(d // 2, 1))]
-        for rule, rank in cells:
-            losses = [run(rule, rank, d, seed=s, steps=args.steps) for s in range(args.seeds)]
-            print(f"{d:>3} {rule:>12} {rank:>5} {statistics.median(losses):>28.5f}", flush=True)
+        value = {m: mean_of(rows, "test_nmse", d=d, method=m, rank=d)[0] for m in ("bp", "svd", "fixed", "local", "oja")}
+        smallest = {}
+        for rule in ("svd", "fixed"):
+            ranks = sorted({int(r["rank"]) for r in rows if r["d"] == str(d) and r["method"] == rule})
+            ok = [k for k in ranks if matches(mean_of(rows, "test_nmse", d=d, method=rule, rank=k)[0], value["bp"])]
+            smallest[rule] = str(ok[0]) if ok else f"none ≤ {max(ranks)}"
+        print(f"{d:>3} " + " ".join(f"{value[m]:>9.5f}" for m in value) + f" {smallest['svd']:>30} {smallest['fixed']:>20}")
+    plot(rows, args.out[:-4] + ".png")
+    return rows
 
 
 if __name__ == "__main__":

@@ -25,11 +25,24 @@ def test_speed_tiny_reports_ratios_and_memory(tmp_path, capsys):
     assert out_csv.read_text().startswith("case,device,rank")
 
 
-def test_cli_dispatch(capsys):
+def test_cli_dispatch(capsys, tmp_path):
     from ldfa_hf import cli
 
-    cli.main(["bench", "teacher_student", "--tiny"])
+    cli.main(["bench", "teacher_student", "--tiny", "--out", str(tmp_path / "ts.csv")])
     assert "svd" in capsys.readouterr().out
+
+
+def test_cli_lists_every_experiment_and_refuses_unknown_names(capsys):
+    import importlib
+
+    from ldfa_hf import cli
+
+    for name in cli.EXPERIMENTS:
+        assert callable(importlib.import_module(f"benchmarks.{name}").main)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "mnsit"])
+    message = str(exit_info.value)
+    assert "no experiment named 'mnsit'" in message and all(name in message for name in cli.EXPERIMENTS)
 
 
 def test_speed_phases_tiny(capsys):
@@ -106,7 +119,9 @@ def test_minilm_genres_tiny(tmp_path, monkeypatch):
     _needs(data.minilm_path)
     out = tmp_path / "minilm.csv"
     rows = minilm_genres.main(["--tiny", "--out", str(out)])
-    assert {(r["mode"], r["method"]) for r in rows} == {("full", "bp"), ("full", "svd"), ("lora", "bp"), ("lora", "svd")}
+    assert {(r["mode"], r["method"], r["rank"]) for r in rows} == {
+        ("full", "bp", "0"), ("full", "svd", "8"), ("lora", "bp", "0"), ("lora", "svd", "8"), ("full", "oja", "8"),
+        ("full", "svd", "64")}
     assert all(float(r["step_ms"]) > 0 and r["loss_curve"] for r in rows)
     assert os.path.getsize(str(out)[:-4] + "_loss.png") > 1000
 
