@@ -195,10 +195,13 @@ def summary_table(rows: list[dict], cells: list[tuple[str, int, bool]], column: 
                   scale: float = 100.0, unit: str = "%", digits: int = 2) -> str:
     """Markdown-ish console table: mean over seeds and its difference from bp."""
     bp, _ = mean_of(rows, column, method="bp")
-    lines = [f"{'method':<16} {'rank':>5} {column + ' (mean)':>22} {'vs bp':>8} {'seeds':>6}"]
+    lines = [f"{'method':<16} {'rank':>5} {column + ' (mean)':>22} {'sd':>7} {'vs bp':>8} {'seeds':>6}"]
     for method, rank, _ in cells:
-        value, n = mean_of(rows, column, method=method, rank=rank)
-        if n:
+        values = [float(r[column]) for r in rows if r["method"] == method and r["rank"] == str(rank)]
+        if values:
+            value = statistics.mean(values)
+            sd = f"{scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
             delta = "" if bp is None or method == "bp" else f"{scale * (value - bp):+.{digits}f}"
-            lines.append(f"{LABELS[method]:<16} {rank or '—':>5} {scale * value:>21.{digits}f}{unit} {delta:>8} {n:>6}")
+            lines.append(f"{LABELS[method]:<16} {rank or '—':>5} {scale * value:>21.{digits}f}{unit} {sd:>7} {delta:>8} "
+                         f"{len(values):>6}")
     return "\n".join(lines)

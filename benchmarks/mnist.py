@@ -27,6 +27,7 @@ CLASSES = 10
 FIELDS = ["model", "method", "rank", "seed", "epochs", "train_examples", "test_accuracy", "seconds"]
 # per model: training examples (a prefix of the 50k split) and epochs, sized for 2 CPU cores
 SIZES = {"mlp": (50_000, 3), "cnn": (20_000, 3), "vit": (20_000, 3), "convnext": (20_000, 3)}
+TITLES = {"mlp": "MLP", "cnn": "CNN with BatchNorm", "vit": "ViT", "convnext": "ConvNeXt"}
 
 
 def build(model: str) -> nn.Module:
@@ -96,7 +97,7 @@ def main(argv=None) -> list[dict]:
     rows = table.select(**common)
     shown = [c for c in method_cells(args.ranks, CLASSES) if args.model != "convnext" or c[2]]
     print(summary_table(rows, shown))
-    plot_rank_sweep(rows, out[:-4] + ".png", f"MNIST {args.model.upper()}: test accuracy vs feedback rank",
+    plot_rank_sweep(rows, out[:-4] + ".png", f"MNIST, {TITLES[args.model]}: test accuracy vs feedback rank",
                     headline_rank=CLASSES)
     return rows
 

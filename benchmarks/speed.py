@@ -9,8 +9,9 @@ Cases:
 
 For each case: the median step time (forward + backward + fused AdamW + plugin.step()) of a
 never-wrapped model, of LDFA (svd rule) and of ``rule="bp"``, repetitions interleaved so
-drift hits all alike (ratios are medians of per-round ratios); and the peak memory of each (CUDA: max allocated; CPU: the peak
-resident set of a fresh process, minus its size before the first step).
+drift hits all alike (ratios are medians of per-round ratios); and the peak memory a step
+allocates on top of weights, gradients and optimizer state (CUDA: max allocated; CPU: the
+live tensors the step creates, counted by ``TensorMemory``).
 
     python -m benchmarks.speed                  # mlp and llama, 7 repetitions
     python -m benchmarks.speed --cases llama-lora mlp-lora
@@ -24,14 +25,14 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
+import weakref
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import ldfa_hf
 
@@ -126,37 +127,50 @@ class Runner:
         return dict(zip(("forward", "backward", "optimizer", "plugin"), (b - a for a, b in zip(marks, marks[1:]))))
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+class TensorMemory(TorchDispatchMode):
+    """Peak bytes of the tensors a block of code allocates, on any device.
+
+    CPU has no allocator statistics, and the process's resident set is the allocator's story
+    (pages it keeps, transients from imports), not the step's. Every op output's storage is
+    counted once while it is alive; tensors from before the block are not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._alive: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                if size and key not in self._alive:
+                    self._alive.add(key)
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, size)
+        return out
+
+    def _free(self, key: int, size: int) -> None:
+        self._alive.discard(key)
+        self.live -= size
 
 
 def peak_memory(case: str, method: str, rank: int, tiny: bool, device: str, width: int | None = None) -> int:
-    """Bytes of peak memory a training step adds on top of model + optimizer state."""
+    """Peak bytes a training step allocates on top of model, gradients and optimizer state."""
+    runner = Runner(case, method, rank, tiny, device, width)
+    runner.step()  # optimizer state and gradients exist from here on
     if device.startswith("cuda"):
-        runner = Runner(case, method, rank, tiny, device, width)
-        runner.step()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         runner.step()
         return torch.cuda.max_memory_allocated() - base
-    # CPU: a fresh process per method, since the resident-set peak only ever rises
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speed", "--memory-probe", case, method, str(rank)]
-        + (["--tiny"] if tiny else []) + (["--width", str(width)] if width else []),
-        capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-    return int(out.stdout.strip().splitlines()[-1])
-
-
-def _memory_probe(case: str, method: str, rank: int, tiny: bool, width: int | None) -> None:
-    runner = Runner(case, method, rank, tiny, "cpu", width)
-    runner.step()  # optimizer state and gradients exist from here on
-    base = _rss_bytes()
-    runner.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(max(peak - base, 0))
+    with TensorMemory() as tracker:
+        runner.step()
+    return tracker.peak
 
 
 def measure(case: str, rank: int, reps: int, warmup: int, tiny: bool, device: str, with_memory: bool = True) -> dict:
@@ -287,13 +301,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--sweep", action="store_true", help="mlp and mlp-lora over --widths × --ranks, CSV and plot")
     parser.add_argument("--widths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128])
-    parser.add_argument("--width", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--memory-probe", nargs=3, metavar=("CASE", "METHOD", "RANK"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.memory_probe:
-        case, method, rank = args.memory_probe
-        _memory_probe(case, method, int(rank), args.tiny, args.width)
-        return []
     if args.tiny:
         args.reps, args.warmup = 2, 1
     if args.sweep:
