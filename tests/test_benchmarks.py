@@ -54,8 +54,10 @@ def test_tensor_memory_counts_what_a_block_allocates_while_alive():
         c = torch.ones(512, 256)          # 0.5 MiB
         del a, b, c                       # freed
         d = x + 1                         # 0.25 MiB, peak stays at 1.5 MiB
+        e = x.detach()                    # an alias of memory from before: not new
+        d.add_(1)                         # in place: not new
     assert tracker.peak == (1024 + 512) * 256 * 4
-    assert tracker.live == 256 * 256 * 4 and d.shape == x.shape
+    assert tracker.live == 256 * 256 * 4 and d.shape == e.shape
 
 
 def test_speed_phases_tiny(capsys):
