@@ -47,7 +47,8 @@ class _Feedback(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         (x,) = ctx.saved_tensors
         gx = ctx.hook.input_grad(g, x, ctx.x_shape, ctx.needs_input_grad[1], ctx.collect)
-        return g, (None if gx is None else gx.to(ctx.x_dtype)), None, None
+        # a frozen layer's output needs no gradient: handing g on would keep it alive while x's grads are summed
+        return (g if ctx.needs_input_grad[0] else None), (None if gx is None else gx.to(ctx.x_dtype)), None, None
 
 
 class FeedbackHook:
