@@ -163,6 +163,10 @@ def plot_rank_sweep(rows: list[dict], path: str, title: str, column: str = "test
     if headline_rank:
         ax.axvline(headline_rank, color="grey", lw=0.5)
     ax.set_xscale("log")
+    ticks = sorted({int(r["rank"]) for r in rows if int(r["rank"]) > 0})
+    if ticks:
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("feedback rank r")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -173,14 +177,15 @@ def plot_rank_sweep(rows: list[dict], path: str, title: str, column: str = "test
     return path
 
 
-def plot_curves(curves: dict[str, list[float]], path: str, title: str, ylabel: str = "training loss",
+def plot_curves(curves: dict[str, list], path: str, title: str, ylabel: str = "training loss",
                 xlabel: str = "training step", window: int = 20) -> str:
-    """Moving-average curves, one per label."""
+    """Moving-average curves, one per label; values are y's, or (x, y) pairs."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for label, values in curves.items():
-        smooth = [statistics.mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
-        ax.plot(smooth, label=label, lw=1.2)
+        xs, ys = zip(*values) if values and isinstance(values[0], tuple) else (range(len(values)), values)
+        smooth = [statistics.mean(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+        ax.plot(xs, smooth, label=label, lw=1.2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

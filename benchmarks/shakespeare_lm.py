@@ -91,10 +91,9 @@ def plot_val_curves(rows: list[dict], path: str) -> str:
         if row["seed"] != "0":
             continue
         label = LABELS[row["method"]] + (f" r={row['rank']}" if row["method"] in ("svd", "fixed") else "")
-        curves[label] = [float(p.split(":")[1]) for p in row["val_curve"].split()]
-    step = int(rows[0]["val_curve"].split()[0].split(":")[0])
-    return plot_curves(curves, path, "Shakespeare char-level Llama: validation loss",
-                       ylabel="validation loss (nats/char)", xlabel=f"evaluation (every {step} steps)", window=1)
+        curves[label] = [(int(p.split(":")[0]), float(p.split(":")[1])) for p in row["val_curve"].split()]
+    return plot_curves(curves, path, "Shakespeare char-level Llama: validation loss (seed 0)",
+                       ylabel="validation loss (nats/char)", xlabel="training step", window=1)
 
 
 def main(argv=None) -> list[dict]:

@@ -86,3 +86,25 @@ def test_peft_lora_script_tiny(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ldfa steps 3" in result.stdout
     assert os.path.exists(tmp_path / "adapter_model.safetensors")
+
+
+def test_ldfa_step_on_frozen_layers_allocates_no_more_than_backprop():
+    from torch import nn
+
+    from benchmarks.speed import TensorMemory
+
+    peaks = {}
+    for method in ("bp", "ldfa"):
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 128))
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["0", "2"], lora_dropout=0.0))
+        if method == "ldfa":
+            ldfa_hf.wrap(model, LDFAConfig(rank=4))
+        x, target = torch.randn(512, 128), torch.randn(512, 128)
+        torch.nn.functional.mse_loss(model(x), target).backward()  # gradients exist, as in training
+        with TensorMemory() as tracker:
+            loss = torch.nn.functional.mse_loss(model(x), target)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+        peaks[method] = tracker.peak
+    assert peaks["ldfa"] <= peaks["bp"], peaks  # an unneeded output gradient once kept 512×128 floats alive
