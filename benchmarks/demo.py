@@ -1,19 +1,16 @@
 """The one-command demo: a small ViT on scikit-learn's digits, backprop vs LDFA (r = 10).
 
-    ldfa-hf demo                 # about a minute on 2 CPU cores
+    ldfa-hf demo                 # about 3 minutes on 2 CPU cores
     ldfa-hf demo --epochs 1      # quicker
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
 
 import torch
 
-import ldfa_hf
+from .harness import plot_curves, train_classifier
 
 
 def digits(seed: int = 0):
@@ -39,60 +36,21 @@ def small_vit(seed: int, hidden: int = 256, layers: int = 4):
 
 
 def train(method: str, epochs: int, batch_size: int, seed: int, rank: int, tiny: bool = False) -> dict:
-    (x_train, y_train), (x_test, y_test) = digits()
+    train_split, test_split = digits()
     if tiny:
-        x_train, y_train = x_train[:256], y_train[:256]
+        train_split = (train_split[0][:256], train_split[1][:256])
     model = small_vit(seed, *((32, 1) if tiny else (256, 4)))
-    steps_per_epoch = len(y_train) // batch_size
-    config = ldfa_hf.LDFAConfig(rank=rank, rule="svd", seed=seed,
-                                refresh_every=max(1, steps_per_epoch // 2))  # the authors refresh every half epoch
-    plugin = None if method == "bp" else ldfa_hf.wrap(model, config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    gen = torch.Generator().manual_seed(seed)
-    step_times, curve = [], []
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(y_train), generator=gen)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[start:start + batch_size]
-            t0 = time.perf_counter()
-            loss = model(pixel_values=x_train[idx], labels=y_train[idx]).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if plugin is not None:
-                plugin.step()
-            step_times.append(time.perf_counter() - t0)
-            curve.append(loss.item())
-    model.eval()
-    with torch.no_grad():
-        accuracy = float((model(pixel_values=x_test).logits.argmax(-1) == y_test).float().mean())
-    return {"method": method, "accuracy": accuracy, "step_s": statistics.median(step_times[5:] or step_times),
-            "curve": curve, "plugin": plugin}
+    result = train_classifier(model, train_split, test_split, "bp" if method == "bp" else "svd", rank, seed, epochs,
+                              batch_size=batch_size, lr=2e-3, weight_decay=0.05)
+    return dict(result, method=method)
 
 
 def plot(results: list[dict], path: str) -> str | None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        curves = {f"{r['label']} (test acc {100 * r['accuracy']:.1f}%)": r["curve"] for r in results}
+        return plot_curves(curves, path, "ViT on digits: backprop vs LDFA", window=10)
+    except ImportError:  # matplotlib is optional for the demo
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for r in results:
-        window = 10
-        smooth = [statistics.mean(r["curve"][max(0, i - window):i + 1]) for i in range(len(r["curve"]))]
-        ax.plot(smooth, label=f"{r['label']} (test acc {100 * r['accuracy']:.1f}%)")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("training loss")
-    ax.set_title("ViT on digits: backprop vs LDFA")
-    ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def main(argv=None) -> list[dict]:

@@ -49,7 +49,8 @@ def train_classifier(model: nn.Module, train: tuple, test: tuple, method: str, r
                      batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 1e-4) -> dict:
     """Train with AdamW and cross-entropy; LDFA refreshes its SVD every half epoch (as the authors do).
 
-    Returns test accuracy, the per-step training losses and the median step time.
+    Returns test accuracy, the per-step training losses, the median step time (after five
+    warm-up steps) and the plugin (None for bp).
     """
     (x_train, y_train), (x_test, y_test) = train, test
     steps_per_epoch = len(y_train) // batch_size
@@ -71,7 +72,8 @@ def train_classifier(model: nn.Module, train: tuple, test: tuple, method: str, r
                 plugin.step()
             step_s.append(time.perf_counter() - t0)
             curve.append(loss.item())
-    return {"accuracy": accuracy(model, x_test, y_test), "curve": curve, "step_s": statistics.median(step_s)}
+    return {"accuracy": accuracy(model, x_test, y_test), "curve": curve, "step_s": statistics.median(step_s[5:] or step_s),
+            "plugin": plugin}
 
 
 @torch.no_grad()
@@ -144,6 +146,24 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str) -> str:
+    """Lay out, write (creating the folder) and close a figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _label(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
 def plot_rank_sweep(rows: list[dict], path: str, title: str, column: str = "test_accuracy", scale: float = 100.0,
                     ylabel: str = "test accuracy (%)", headline_rank: int | None = None) -> str:
     """svd's metric vs rank, other rules as markers at their rank, bp/fa/dfa as horizontal reference lines."""
@@ -167,14 +187,8 @@ def plot_rank_sweep(rows: list[dict], path: str, title: str, column: str = "test
     if ticks:
         ax.xaxis.set_minor_locator(plt.NullLocator())
         ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.set_xlabel("feedback rank r")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _label(ax, title, "feedback rank r", ylabel)
+    return save_figure(fig, path)
 
 
 def plot_curves(curves: dict[str, list], path: str, title: str, ylabel: str = "training loss",
@@ -186,14 +200,8 @@ def plot_curves(curves: dict[str, list], path: str, title: str, ylabel: str = "t
         xs, ys = zip(*values) if values and isinstance(values[0], tuple) else (range(len(values)), values)
         smooth = [statistics.mean(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
         ax.plot(xs, smooth, label=label, lw=1.2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _label(ax, title, xlabel, ylabel)
+    return save_figure(fig, path)
 
 
 def summary_table(rows: list[dict], cells: list[tuple[str, int, bool]], column: str = "test_accuracy",

@@ -265,7 +265,7 @@ def sweep(args) -> list[dict]:
 
 def plot_sweep(rows: list[dict], path: str) -> str:
     """Measured speed-up (solid) and the FLOP estimate of ``cost()`` (dashed) vs width, one colour per rank."""
-    from .harness import _pyplot
+    from .harness import _pyplot, save_figure
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
@@ -286,10 +286,7 @@ def plot_sweep(rows: list[dict], path: str) -> str:
         ax.set_title(title)
     axes[0].set_ylabel("step-time speed-up backprop / LDFA")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> list[dict]:

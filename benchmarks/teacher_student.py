@@ -22,7 +22,7 @@ from torch import nn
 
 import ldfa_hf
 
-from .harness import RESULTS, ResultTable, _pyplot, mean_of
+from .harness import RESULTS, ResultTable, _pyplot, mean_of, save_figure
 
 FIELDS = ["d", "method", "rank", "seed", "steps", "test_nmse", "seconds"]
 
@@ -88,10 +88,7 @@ def plot(rows: list[dict], path: str) -> str:
         ax.set_xticks(ticks, [str(t) for t in ticks])
     axes[0][0].set_ylabel("test error (normalised MSE)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> list[dict]:
