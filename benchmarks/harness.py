@@ -19,9 +19,9 @@ from torch import nn
 import ldfa_hf
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-METHODS = ("bp", "svd", "local", "oja", "fixed", "fa", "dfa")
 LABELS = {"bp": "backprop", "svd": "LDFA svd", "local": "LDFA local", "oja": "LDFA oja",
           "fixed": "fixed low-rank", "fa": "FA", "dfa": "DFA"}
+METHODS = tuple(LABELS)
 
 
 def method_cells(ranks: Iterable[int], headline_rank: int) -> list[tuple[str, int, bool]]:
@@ -129,11 +129,16 @@ class ResultTable:
         return self.rows
 
     def select(self, **where) -> list[dict]:
-        return [r for r in self.rows if all(r[k] == str(v) for k, v in where.items())]
+        return select(self.rows, **where)
+
+
+def select(rows: list[dict], **where) -> list[dict]:
+    """Rows whose columns equal ``where`` (CSV values are strings, so ``rank=10`` matches ``"10"``)."""
+    return [r for r in rows if all(r[k] == str(v) for k, v in where.items())]
 
 
 def mean_of(rows: list[dict], column: str, **where) -> tuple[float, int] | tuple[None, int]:
-    values = [float(r[column]) for r in rows if all(r[k] == str(v) for k, v in where.items())]
+    values = [float(r[column]) for r in select(rows, **where)]
     return (statistics.mean(values) if values else None), len(values)
 
 
@@ -210,7 +215,7 @@ def summary_table(rows: list[dict], cells: list[tuple[str, int, bool]], column: 
     bp, _ = mean_of(rows, column, method="bp")
     lines = [f"{'method':<16} {'rank':>5} {column + ' (mean)':>22} {'sd':>7} {'vs bp':>8} {'seeds':>6}"]
     for method, rank, _ in cells:
-        values = [float(r[column]) for r in rows if r["method"] == method and r["rank"] == str(rank)]
+        values = [float(r[column]) for r in select(rows, method=method, rank=rank)]
         if values:
             value = statistics.mean(values)
             sd = f"{scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""

@@ -27,7 +27,7 @@ import ldfa_hf
 from ldfa_hf.metrics import Accuracy
 
 from .data import load_shakespeare_genres, minilm_path
-from .harness import RESULTS, ResultTable, attach, plot_curves
+from .harness import RESULTS, ResultTable, attach, plot_curves, select
 
 FIELDS = ["mode", "method", "rank", "seed", "train_examples", "test_accuracy", "step_ms", "loss_curve", "seconds"]
 LR = {"full": 1e-4, "lora": 1e-3}
@@ -129,7 +129,7 @@ def main(argv=None) -> list[dict]:
     print(f"{'mode':<6} {'method':<6} {'rank':>5} {'test acc (mean)':>16} {'step ms':>9} {'seeds':>6}")
     curves = {}
     for mode, method, rank, _ in plan:
-        cell = [r for r in rows if (r["mode"], r["method"], r["rank"]) == (mode, method, str(rank))]
+        cell = select(rows, mode=mode, method=method, rank=rank)
         if cell:
             acc = statistics.mean(float(r["test_accuracy"]) for r in cell)
             ms = statistics.median(float(r["step_ms"]) for r in cell)

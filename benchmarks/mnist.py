@@ -54,12 +54,15 @@ def build(model: str) -> nn.Module:
     raise ValueError(f"unknown model {model!r}: one of {sorted(SIZES)}")
 
 
+def model_cells(model: str, ranks) -> list[tuple[str, int, bool]]:
+    """The harness's (method, rank, headline) cells; ConvNeXt (experiment c) runs the headline ones only."""
+    return [c for c in method_cells(ranks, CLASSES) if model != "convnext" or c[2]]
+
+
 def cells(model: str, ranks, seeds: int, sweep_seeds: int) -> list[dict]:
-    """Every (method, rank, seed) to run; ConvNeXt (experiment c) runs the headline methods only."""
+    """Every (method, rank, seed) to run."""
     out = []
-    for method, rank, headline in method_cells(ranks, CLASSES):
-        if model == "convnext" and not headline:
-            continue
+    for method, rank, headline in model_cells(model, ranks):
         out += [{"method": method, "rank": rank, "seed": s} for s in range(seeds if headline else sweep_seeds)]
     return sorted(out, key=lambda c: c["seed"])  # a whole first seed before any repeat
 
@@ -95,8 +98,7 @@ def main(argv=None) -> list[dict]:
     todo = [dict(common, **c) for c in cells(args.model, args.ranks, args.seeds, args.sweep_seeds)]
     table.run(todo, run, desc=f"mnist {args.model}")
     rows = table.select(**common)
-    shown = [c for c in method_cells(args.ranks, CLASSES) if args.model != "convnext" or c[2]]
-    print(summary_table(rows, shown))
+    print(summary_table(rows, model_cells(args.model, args.ranks)))
     plot_rank_sweep(rows, out[:-4] + ".png", f"MNIST, {TITLES[args.model]}: test accuracy vs feedback rank",
                     headline_rank=CLASSES)
     return rows

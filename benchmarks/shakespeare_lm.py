@@ -21,7 +21,7 @@ import torch
 from ldfa_hf.metrics import Perplexity
 
 from .data import load_shakespeare_chars
-from .harness import LABELS, RESULTS, ResultTable, attach, plot_curves, plot_rank_sweep, summary_table
+from .harness import LABELS, RESULTS, ResultTable, attach, mean_of, plot_curves, plot_rank_sweep, select, summary_table
 
 FIELDS = ["method", "rank", "seed", "steps", "val_loss", "val_perplexity", "val_curve", "seconds"]
 HEADLINE_RANK = 64
@@ -117,13 +117,11 @@ def main(argv=None) -> list[dict]:
               desc="shakespeare lm")
     rows = table.select(steps=args.steps)
     print(summary_table(rows, cells(args.ranks, args.seeds), column="val_loss", scale=1.0, unit="", digits=4))
-    bp = [float(r["val_loss"]) for r in rows if r["method"] == "bp"]
-    if bp:
-        mean_bp = sum(bp) / len(bp)
-        for r in sorted({int(r["rank"]) for r in rows if r["method"] == "svd"}):
-            vals = [float(x["val_loss"]) for x in rows if x["method"] == "svd" and int(x["rank"]) == r]
-            print(f"LDFA r={r}: validation loss {100 * (sum(vals) / len(vals) / mean_bp - 1):+.1f}% vs bp"
-                  f" (perplexity ×{math.exp(sum(vals) / len(vals) - mean_bp):.3f})")
+    bp, _ = mean_of(rows, "val_loss", method="bp")
+    if bp is not None:
+        for rank in sorted({int(r["rank"]) for r in select(rows, method="svd")}):
+            loss, _ = mean_of(rows, "val_loss", method="svd", rank=rank)
+            print(f"LDFA r={rank}: validation loss {100 * (loss / bp - 1):+.1f}% vs bp (perplexity ×{math.exp(loss - bp):.3f})")
     plot_rank_sweep(rows, args.out[:-4] + ".png", "Shakespeare char LM: validation loss vs rank", column="val_loss",
                     scale=1.0, ylabel="validation loss (nats/char)", headline_rank=HEADLINE_RANK)
     plot_val_curves(rows, args.out[:-4] + "_curves.png")

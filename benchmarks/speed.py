@@ -160,11 +160,10 @@ class TensorMemory(TorchDispatchMode):
         self.live -= size
 
 
-def peak_memory(case: str, method: str, rank: int, tiny: bool, device: str, width: int | None = None) -> int:
-    """Peak bytes a training step allocates on top of model, gradients and optimizer state."""
-    runner = Runner(case, method, rank, tiny, device, width)
+def peak_memory(runner: "Runner") -> int:
+    """Peak bytes one more training step allocates on top of model, gradients and optimizer state."""
     runner.step()  # optimizer state and gradients exist from here on
-    if device.startswith("cuda"):
+    if runner.device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -175,28 +174,34 @@ def peak_memory(case: str, method: str, rank: int, tiny: bool, device: str, widt
     return tracker.peak
 
 
+def timed_rounds(runners: dict, reps: int, warmup: int, sample=lambda runner: runner.step()) -> dict[str, list]:
+    """``sample(runner)`` for every runner once per round (so slow drift hits all alike), warm-ups dropped."""
+    samples = {name: [] for name in runners}
+    for i in range(warmup + reps):
+        for name, runner in runners.items():
+            value = sample(runner)
+            if i >= warmup:
+                samples[name].append(value)
+    return samples
+
+
+def paired_ratio(numerator: list, denominator: list) -> float:
+    """Median of the per-round ratios: robust to drift between rounds."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
+
+
 def measure(case: str, rank: int, reps: int, warmup: int, tiny: bool, device: str, with_memory: bool = True) -> dict:
     runners = {m: Runner(case, m, rank, tiny, device) for m in METHODS}
-    times = {m: [] for m in METHODS}
-    for i in range(warmup + reps):
-        for method in METHODS:  # interleaved, so slow drift hits every method alike
-            t = runners[method].step()
-            if i >= warmup:
-                times[method].append(t)
-    median = {m: statistics.median(v) for m, v in times.items()}
-    # ratios within each interleaved round, then their median: robust to slow drift
-    paired = statistics.median(b / l for b, l in zip(times["backprop"], times["ldfa"]))
-    paired_bp_rule = statistics.median(r / b for b, r in zip(times["backprop"], times["bp-rule"]))
+    times = timed_rounds(runners, reps, warmup)
     estimate = runners["ldfa"].plugin.cost()
-    del runners
-    memory = {m: peak_memory(case, m, rank, tiny, device) if with_memory else 0 for m in METHODS}
+    memory = {m: peak_memory(runner) if with_memory else 0 for m, runner in runners.items()}
     return {
         "case": case, "rank": rank, "device": device, "reps": reps,
-        "step_s": median,
-        "speedup_ldfa": paired,
-        "bp_rule_overhead": paired_bp_rule,
+        "step_s": {m: statistics.median(v) for m, v in times.items()},
+        "speedup_ldfa": paired_ratio(times["backprop"], times["ldfa"]),
+        "bp_rule_overhead": paired_ratio(times["bp-rule"], times["backprop"]),
         "memory_bytes": memory,
-        "memory_ratio_ldfa": memory["ldfa"] / max(memory["backprop"], 1) if memory["backprop"] else float("nan"),
+        "memory_ratio_ldfa": memory["ldfa"] / memory["backprop"] if memory["backprop"] else float("nan"),
         "estimated_backward_saved": estimate["backward_saved"],
         "estimated_step_saved_in_targets": estimate["step_saved"],
     }
@@ -205,12 +210,7 @@ def measure(case: str, rank: int, reps: int, warmup: int, tiny: bool, device: st
 def phase_table(case: str, rank: int, reps: int, warmup: int, tiny: bool, device: str) -> dict:
     """Median seconds per phase for backprop and LDFA (interleaved), to see where time goes."""
     runners = {m: Runner(case, m, rank, tiny, device) for m in ("backprop", "ldfa")}
-    samples = {m: [] for m in runners}
-    for i in range(warmup + reps):
-        for method, runner in runners.items():
-            phases = runner.phases()
-            if i >= warmup:
-                samples[method].append(phases)
+    samples = timed_rounds(runners, reps, warmup, sample=lambda runner: runner.phases())
     table = {m: {k: statistics.median(p[k] for p in v) for k in v[0]} for m, v in samples.items()}
     for method, row in table.items():
         cells = "  ".join(f"{k} {1000 * t:8.1f} ms" for k, t in row.items())
@@ -235,23 +235,18 @@ def sweep(args) -> list[dict]:
             if not cells:
                 continue
             backprop = Runner(case, "backprop", 0, args.tiny, args.device, width)
-            mem_bp = peak_memory(case, "backprop", 0, args.tiny, args.device, width)
+            mem_bp = peak_memory(backprop)
             for cell in cells:
                 ldfa = Runner(case, "ldfa", cell["rank"], args.tiny, args.device, width)
-                times = {"backprop": [], "ldfa": []}
-                for i in range(args.warmup + args.reps):
-                    for method, runner in (("backprop", backprop), ("ldfa", ldfa)):
-                        t = runner.step()
-                        if i >= args.warmup:
-                            times[method].append(t)
+                times = timed_rounds({"backprop": backprop, "ldfa": ldfa}, args.reps, args.warmup)
                 cost = ldfa.plugin.cost()
                 tokens = max(h.last_samples for h in ldfa.plugin._hooks.values())
+                mem_ldfa = peak_memory(ldfa)
                 del ldfa
-                mem_ldfa = peak_memory(case, "ldfa", cell["rank"], args.tiny, args.device, width)
                 row = dict(cell, tokens=tokens,
                            backprop_ms=f"{1000 * statistics.median(times['backprop']):.1f}",
                            ldfa_ms=f"{1000 * statistics.median(times['ldfa']):.1f}",
-                           speedup=f"{statistics.median(b / l for b, l in zip(times['backprop'], times['ldfa'])):.3f}",
+                           speedup=f"{paired_ratio(times['backprop'], times['ldfa']):.3f}",
                            est_speedup=f"{(cost['forward'] + cost['backward_bp']) / (cost['forward'] + cost['backward_ldfa']):.3f}",
                            mem_backprop_mb=f"{mem_bp / 2**20:.1f}", mem_ldfa_mb=f"{mem_ldfa / 2**20:.1f}",
                            mem_ratio=f"{mem_ldfa / max(mem_bp, 1):.3f}")

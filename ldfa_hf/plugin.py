@@ -278,10 +278,11 @@ class LDFAPlugin:
             m, n = self._targets[name].shape
             r, N = hook.rank, max(hook.last_samples, 1)
             weight_grad = N * m * n if hook.weight_trains else 0
+            exact_backward = weight_grad + (N * m * n if hook.input_needs_grad else 0)
             forward += N * m * n
-            bp_backward += weight_grad + (N * m * n if hook.input_needs_grad else 0)
+            bp_backward += exact_backward
             if self.rule.exact:
-                ldfa_backward += weight_grad + (N * m * n if hook.input_needs_grad else 0)
+                ldfa_backward += exact_backward
                 continue
             ldfa_backward += weight_grad + (N * r * (m + n) if hook.input_needs_grad else 0)
             if self.rule.name == "svd" and hook.weight_trains:

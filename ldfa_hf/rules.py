@@ -122,9 +122,10 @@ class DFA(Rule):
 
     The output error is the one arriving at the last targeted layer in the model's module
     order (the head of a Hugging Face model); fixing it at attach time keeps gradient
-    checkpointing's recomputed forwards from changing it. Its per-example error maps position by position when the layer's input has
-    the same leading shape (tokens of a language model), otherwise through one matrix from
-    the whole example's error to the whole input (images, pooled classifiers).
+    checkpointing's recomputed forwards from changing it. Its per-example error maps
+    position by position when the layer's input has the same leading shape (tokens of a
+    language model), otherwise through one matrix from the whole example's error to the
+    whole input (images, pooled classifiers).
     """
 
     name = "dfa"
