@@ -294,7 +294,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None, help="CSV file to append results to")
     parser.add_argument("--phases", action="store_true", help="per-phase medians (forward, backward, optimizer, plugin) instead")
-    parser.add_argument("--no-memory", action="store_true", help="time only (memory needs a fresh process per method on CPU)")
+    parser.add_argument("--no-memory", action="store_true", help="time only (skip the extra, tracked steps that measure memory)")
     parser.add_argument("--sweep", action="store_true", help="mlp and mlp-lora over --widths × --ranks, CSV and plot")
     parser.add_argument("--widths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128])
