@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 CONFIG_NAME = "ldfa_config.json"
-RULES = ("svd", "local", "oja", "fixed", "fa", "dfa", "bp")
+RULES = ("svd", "local", "oja", "calibrated", "fixed", "fa", "dfa", "bp")
 
 
 def _is_int(value: Any) -> bool:
@@ -58,7 +58,7 @@ class LDFAConfig:
         rank_pattern: per-module rank overrides, ``{name or suffix or regex: rank}``
             (e.g. ``{"qkv": 96}`` for a fused projection).
         rule: how P and Q are learned: ``"svd"`` (default), ``"local"``, ``"oja"``,
-            ``"fixed"``, ``"fa"``, ``"dfa"`` (Direct Feedback Alignment, a baseline) or
+            ``"calibrated"`` (for fine-tuning pretrained models), ``"fixed"``, ``"fa"``, ``"dfa"`` (Direct Feedback Alignment, a baseline) or
             ``"bp"`` (exact backprop through the same hooks).
         target_modules: ``"all-linear"`` (every ``nn.Linear`` and GPT-2 ``Conv1D``,
             the output head included), a list of exact names or name suffixes, or
@@ -67,6 +67,8 @@ class LDFAConfig:
         include_conv: with ``"all-linear"``, also target ``nn.Conv2d`` with ``groups == 1``.
         refresh_every: ``svd`` rule: re-run the truncated SVD every this many
             steps (``None``: only at initialisation).
+        calibrate_every: ``calibrated`` rule: one optimizer step in this many (the first
+            one included) runs exact backprop and re-aims P, Q at the errors it saw.
         feedback_lr / feedback_weight_decay: AdamW settings for the factors;
             ``None`` takes the rule's published default.
         error_clip: clamp the propagated error to ``±error_clip``; ``"auto"``
@@ -86,6 +88,7 @@ class LDFAConfig:
     exclude_modules: Optional[Union[str, list]] = None
     include_conv: bool = True
     refresh_every: Optional[int] = 500
+    calibrate_every: int = 8
     feedback_lr: Optional[float] = None
     feedback_weight_decay: Optional[float] = None
     error_clip: Union[float, str, None] = "auto"
@@ -117,6 +120,9 @@ class LDFAConfig:
             raise ValueError(f"include_conv must be a bool; got {self.include_conv!r}")
         if self.refresh_every is not None and (not _is_int(self.refresh_every) or self.refresh_every <= 0):
             raise ValueError(f"refresh_every must be a positive int or None; got {self.refresh_every!r}")
+        if not _is_int(self.calibrate_every) or self.calibrate_every < 1:
+            raise ValueError(f"calibrate_every must be an int >= 1 (steps between exact calibration steps); "
+                             f"got {self.calibrate_every!r}")
         _check_rate("feedback_lr", self.feedback_lr)
         _check_rate("feedback_weight_decay", self.feedback_weight_decay)
         clip = self.error_clip

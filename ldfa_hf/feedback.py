@@ -28,6 +28,8 @@ class Switch:
         self.enabled = True
         self.collecting = True
         self.probing = False
+        self.calibrating = False  # calibrated rule: this step runs exact backprop and sketches errors
+        self.step = 0             # the plugin's step counter, for seeding per-step randomness
         self.output_hook: Optional["FeedbackHook"] = None   # dfa: the output layer
         self.output_error: Optional[Tensor] = None          # dfa: its error in this backward
 
@@ -36,8 +38,8 @@ class _Feedback(torch.autograd.Function):
     """Identity on the layer output; its backward supplies the input's gradient."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, hook: "FeedbackHook", collect: bool) -> Tensor:
-        ctx.hook, ctx.collect = hook, collect
+    def forward(ctx, y: Tensor, x: Tensor, hook: "FeedbackHook", collect: bool, calibrate: bool) -> Tensor:
+        ctx.hook, ctx.collect, ctx.calibrate = hook, collect, calibrate
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.save_for_backward(x if collect else None)
         return y.view_as(y)
@@ -46,9 +48,9 @@ class _Feedback(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: Tensor):
         (x,) = ctx.saved_tensors
-        gx = ctx.hook.input_grad(g, x, ctx.x_shape, ctx.needs_input_grad[1], ctx.collect)
+        gx = ctx.hook.input_grad(g, x, ctx.x_shape, ctx.needs_input_grad[1], ctx.collect, ctx.calibrate)
         # a frozen layer's output needs no gradient: handing g on would keep it alive while x's grads are summed
-        return (g if ctx.needs_input_grad[0] else None), (None if gx is None else gx.to(ctx.x_dtype)), None, None
+        return (g if ctx.needs_input_grad[0] else None), (None if gx is None else gx.to(ctx.x_dtype)), None, None, None
 
 
 class FeedbackHook:
@@ -64,6 +66,7 @@ class FeedbackHook:
         self.last_samples = 0       # samples per forward, for the FLOP estimate
         self.input_needs_grad = True
         self.probe_input: Optional[Tensor] = None
+        self._omega: Optional[tuple[int, Tensor]] = None  # (step, Ω) of the calibration sketch
         self._x: Optional[Tensor] = None
         self._module = module
         self._handles = []
@@ -81,7 +84,7 @@ class FeedbackHook:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._x = self.probe_input = None
+        self._x = self.probe_input = self._omega = None
         self.stats = {}
 
     # -- forward ---------------------------------------------------------------------------
@@ -112,20 +115,26 @@ class FeedbackHook:
             self.probe_input = x
         if not self.switch.enabled or not isinstance(output, Tensor):
             return None
-        collect = bool(self.switch.collecting and module.training and self.rule.needs)
+        training = self.switch.collecting and module.training
+        collect = bool(training and self.rule.needs)
+        # an input that needs no gradient receives no feedback, so there is nothing to calibrate
+        calibrate = bool(training and self.switch.calibrating and x.requires_grad)
         self.input_needs_grad = x.requires_grad
         self.last_samples = self.kind.samples(output)
         if not x.requires_grad and not (collect and output.requires_grad):
             return None
         self.follow_device(module.weight.device)
-        return _Feedback.apply(output, x, self, collect)
+        return _Feedback.apply(output, x, self, collect, calibrate)
 
     # -- backward ----------------------------------------------------------------------------
-    def input_grad(self, g: Tensor, x: Optional[Tensor], x_shape, need_gx: bool, collect: bool):
-        """``(δ P) Q`` for the input (``δ W`` under the ``bp`` rule); statistics while training."""
+    def input_grad(self, g: Tensor, x: Optional[Tensor], x_shape, need_gx: bool, collect: bool, calibrate: bool):
+        """``(δ P) Q`` for the input (``δ W`` under ``bp`` and on calibration steps); statistics while training."""
         module, kind = self._module, self.kind
         gx = z = None
-        if self.rule.exact:
+        if calibrate:
+            gx = kind.exact(g, module, x_shape) if need_gx else None
+            self.accumulate(self.rule.calibration_statistics(kind, g, self.sketch_matrix(g.device)), kind.samples(g))
+        elif self.rule.exact:
             gx = kind.exact(g, module, x_shape) if need_gx else None
         elif self.rule.direct:
             if self.switch.output_hook is self:
@@ -151,6 +160,15 @@ class FeedbackHook:
             gen = factor_generator(self.seed, self.name, 0)
             self.P = (torch.randn(e.shape[-1], width, generator=gen) / e.shape[-1] ** 0.5).to(error.device)
         return (e @ self.P.to(e.dtype)).reshape(x_shape)
+
+    def sketch_matrix(self, device: torch.device) -> Tensor:
+        """The calibration step's random test matrix Ω, the same for every micro-batch and process."""
+        step = self.switch.step
+        if self._omega is None or self._omega[0] != step or self._omega[1].device != device:
+            m = self.P.shape[0]
+            omega = self.rule.sketch_matrix(m, self.rank, factor_generator(self.seed, self.name, step))
+            self._omega = (step, omega.to(device))
+        return self._omega[1]
 
     def accumulate(self, stats: dict, samples: int) -> None:
         for key, value in stats.items():

@@ -10,7 +10,8 @@ import contextlib
 import math
 import os
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Optional, Union
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -18,12 +19,26 @@ from torch import Tensor, nn
 from . import distributed
 from .config import LDFAConfig
 from .feedback import FeedbackHook, Switch
-from .rules import factor_generator, make_rule
+from .rules import LayerCost, factor_generator, make_rule
 from .targets import Target, existing_hook_owner, find_targets, unmatched_rank_patterns
 
 STATE_NAME = "ldfa_state.safetensors"
 _STEP_KEY = "__ldfa__.num_steps"
 _SKIPPED_KEY = "__ldfa__.skipped"
+
+
+class LayerView(NamedTuple):
+    """One targeted layer as seen from outside: P and Q are detached views (do not write to them)."""
+
+    name: str
+    kind: str
+    shape: tuple
+    rank: int
+    module: nn.Module
+    P: Optional[Tensor]
+    Q: Optional[Tensor]
+    skipped: int
+    samples: int  # samples in the layer's last training forward
 
 
 class LDFAPlugin:
@@ -107,6 +122,7 @@ class LDFAPlugin:
         self._optimizer = self._make_optimizer()
         self._synced = False
         self._sync_once()
+        self._schedule()
         return self
 
     def detach(self) -> None:
@@ -149,17 +165,47 @@ class LDFAPlugin:
         if not self._hooks:
             raise RuntimeError("LDFAPlugin.step() called on a detached plugin; call attach(model) first")
         self._sync_once()
+        calibrated = self.switch.calibrating
         self.num_steps += 1
         refresh = (
             self.rule.refreshes
             and self.config.refresh_every is not None
             and self.num_steps % self.config.refresh_every == 0
         )
-        if self.rule.trains and not refresh:
+        if calibrated:
+            self._calibrate()
+        elif self.rule.trains and not refresh:
             self._descend()
         self.reset_statistics()
         if refresh:
             self.refresh()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Tell the hooks whether the coming step calibrates (a function of the step count only,
+        so a resumed run calibrates on the same steps as an uninterrupted one)."""
+        self.switch.step = self.num_steps
+        self.switch.calibrating = self.rule.calibrates and self.num_steps % self.config.calibrate_every == 0
+
+    def _calibrate(self) -> None:
+        """Re-aim every layer that saw errors this step: P from the error sketch, Q = PᵀW."""
+        hooks = [hook for hook in self._hooks.values() if hook.P is not None]
+        self._average_statistics(hooks, calibration=True)
+        for hook in hooks:
+            if hook.samples == 0 or "sketch" not in hook.stats:
+                continue
+            if not bool(torch.isfinite(hook.stats["sketch"]).all()):
+                self._skip(hook.name)
+                continue
+            factors = self.rule.calibrate(hook, hook.sketch_matrix(hook.P.device))
+            if factors is None:
+                continue
+            P, Q = factors
+            if not (bool(torch.isfinite(P).all()) and bool(torch.isfinite(Q).all())):
+                self._skip(hook.name)
+                continue
+            hook.P.data.copy_(P)
+            hook.Q.data.copy_(Q)
 
     def reset_statistics(self) -> None:
         """Drop what the backward hooks gathered since the last step (e.g. after a skipped step)."""
@@ -207,14 +253,15 @@ class LDFAPlugin:
             )
             self._warned_nonfinite = True
 
-    def _average_statistics(self, hooks: list[FeedbackHook]) -> None:
+    def _average_statistics(self, hooks: list[FeedbackHook], calibration: bool = False) -> None:
         """Same statistics on every process: pad absent ones with zeros, then one all-reduce."""
         if distributed.world_size() == 1:
             return
         flat, counts = [], []
         for hook in hooks:
             m, n = self._targets[hook.name].shape
-            for key, shape in self.rule.stat_shapes(m, n, hook.rank).items():
+            shapes = self.rule.calibration_shapes if calibration else self.rule.stat_shapes
+            for key, shape in shapes(m, n, hook.rank).items():
                 if key not in hook.stats:
                     hook.stats[key] = torch.zeros(shape, device=hook.P.device)
                 flat.append(hook.stats[key])
@@ -263,6 +310,22 @@ class LDFAPlugin:
         return dict(self._targets)
 
     @property
+    def layers(self) -> Mapping[str, "LayerView"]:
+        """Targeted layer name → a read-only view of it (kind, shape, rank, P, Q, skipped updates).
+
+        Example:
+            >>> view = plugin.layers["bert.encoder.layer.0.attention.self.query"]
+            >>> view.rank, view.P.shape
+        """
+        return MappingProxyType({
+            name: LayerView(name, target.kind, target.shape, target.rank, hook.module,
+                            None if hook.P is None else hook.P.detach(),
+                            None if hook.Q is None else hook.Q.detach(),
+                            self._skipped[name], hook.last_samples)
+            for (name, hook), target in zip(self._hooks.items(), self._targets.values())
+        })
+
+    @property
     def model(self) -> Optional[nn.Module]:
         return self._model
 
@@ -272,26 +335,19 @@ class LDFAPlugin:
         Uses the samples each layer saw in its last forward (1 if it has not run yet).
         Layers whose input needs no gradient (e.g. the first layer) save nothing; frozen
         weights (LoRA's base) cost no ``δᵀx``, so there backprop's backward is all ``δ W``.
+        The rule's own work (``rule``) and exact calibration steps are averaged per step.
         """
         bp_backward = ldfa_backward = forward = rule_cost = 0
         for name, hook in self._hooks.items():
             m, n = self._targets[name].shape
             r, N = hook.rank, max(hook.last_samples, 1)
-            weight_grad = N * m * n if hook.weight_trains else 0
-            exact_backward = weight_grad + (N * m * n if hook.input_needs_grad else 0)
+            layer = LayerCost(m, n, r, N, hook.weight_trains, hook.input_needs_grad)
             forward += N * m * n
-            bp_backward += exact_backward
-            if self.rule.exact:
-                ldfa_backward += exact_backward
-                continue
-            ldfa_backward += weight_grad + (N * r * (m + n) if hook.input_needs_grad else 0)
-            if self.rule.name == "svd" and hook.weight_trains:
-                rule_cost += 2 * m * n * r
-            elif self.rule.name == "local":
-                rule_cost += N * r * (m + 2 * n)
-            elif self.rule.name == "oja":
-                rule_cost += N * r * (m + n) + m * r * r
-        ldfa_total = ldfa_backward + rule_cost
+            bp_backward += layer.exact_backward
+            backward, work = self.rule.cost(layer, self.config)
+            ldfa_backward += backward
+            rule_cost += work
+        ldfa_total = ldfa_backward
         return {
             "forward": forward,
             "backward_bp": bp_backward,
@@ -303,7 +359,8 @@ class LDFAPlugin:
 
     def summary(self, print_fn: Optional[Callable[[str], Any]] = print) -> str:
         """Print (and return) layers, ranks, feedback parameters and the estimated saving."""
-        lines = [f"LDFA rule={self.config.rule!r} rank={self.config.rank} on {len(self._hooks)} layers"]
+        lines = [f"LDFA rule={self.config.rule!r} rank={self.config.rank} on {len(self._hooks)} layers"
+                 + (f", exact calibration every {self.config.calibrate_every} steps" if self.rule.calibrates else "")]
         width = max([len(n) for n in self._hooks] + [5])
         lines.append(f"{'layer':<{width}}  {'kind':<7} {'m x n':>13} {'rank':>5} {'feedback':>10}")
         feedback_params = 0
@@ -434,6 +491,7 @@ class LDFAPlugin:
         if state[_SKIPPED_KEY].numel() != len(self._hooks):
             raise ValueError("LDFA state has skipped-update counters for a different number of layers")
         self.num_steps = int(state[_STEP_KEY])
+        self._schedule()
         self._skipped = dict(zip(self._hooks, (int(v) for v in state[_SKIPPED_KEY])))
         for key, factor in self._stored_factors():
             factor.data.copy_(state[key])

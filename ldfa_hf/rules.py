@@ -7,7 +7,7 @@ layer's weight) into gradients for P and Q, and the plugin's AdamW applies them.
 from __future__ import annotations
 
 import zlib
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -55,6 +55,31 @@ def random_factors(W: Tensor, r: int, generator: torch.Generator) -> tuple[Tenso
     return P.to(W.device), Q.to(W.device)
 
 
+class LayerCost(NamedTuple):
+    """One layer's size for cost estimates: ``W`` is m × n, N samples per step."""
+
+    m: int
+    n: int
+    r: int
+    N: int
+    weight_trains: bool
+    input_grad: bool
+
+    @property
+    def weight_grad(self) -> int:
+        return self.N * self.m * self.n if self.weight_trains else 0
+
+    @property
+    def exact_backward(self) -> int:
+        """Backprop: ``δᵀx`` (if W trains) plus ``δ W`` (if the input needs a gradient)."""
+        return self.weight_grad + (self.N * self.m * self.n if self.input_grad else 0)
+
+    @property
+    def feedback_backward(self) -> int:
+        """LDFA: ``δᵀx`` plus ``(δ P) Q``."""
+        return self.weight_grad + (self.N * self.r * (self.m + self.n) if self.input_grad else 0)
+
+
 class Rule:
     """Base rule: fixed factors, no statistics, no training."""
 
@@ -63,6 +88,7 @@ class Rule:
     direct = False      # the output error goes straight to every layer (dfa)
     trains = False      # P, Q have an optimizer
     refreshes = False   # re-initialised from W every ``refresh_every`` steps
+    calibrates = False  # some steps run exact backprop and re-aim P, Q from their errors
     follows_weight = False  # P, Q only track W: nothing to learn while W is frozen
     lr = 0.0
     weight_decay = 0.0
@@ -91,6 +117,17 @@ class Rule:
 
     def gradients(self, hook) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def work(self, layer: LayerCost, config) -> int:
+        """Multiply-adds the rule itself spends per step on one layer (statistics and update)."""
+        return 0
+
+    def cost(self, layer: LayerCost, config) -> tuple[int, int]:
+        """(backward multiply-adds per step, rule work included; the rule work alone) for one layer."""
+        if self.exact:
+            return layer.exact_backward, 0
+        work = self.work(layer, config)
+        return layer.feedback_backward + work, work
 
     def all_gradients(self, hooks: list) -> list[tuple[Tensor, Tensor]]:
         """Gradients for every hook, in order (rules may batch same-shaped layers)."""
@@ -157,6 +194,9 @@ class SVD(Rule):
     def gradients(self, hook):
         return self._descent(hook.weight_matrix().float(), hook.P, hook.Q)
 
+    def work(self, layer, config):
+        return 2 * layer.m * layer.n * layer.r if layer.weight_trains else 0  # frozen W: no descent
+
     def all_gradients(self, hooks):
         """Small same-shaped layers share one batched matmul (per-call overhead dominates
         there); large ones go one by one, since stacking would copy every W."""
@@ -201,6 +241,9 @@ class Local(Rule):
     def gradients(self, hook):
         return hook.stats["delta_xq"], hook.stats["z_x"]
 
+    def work(self, layer, config):
+        return layer.N * layer.r * (layer.m + 2 * layer.n)
+
 
 class Oja(Rule):
     """Oja's subspace rule on the error stream for P, Kolen–Pollack for Q (v1–v3)."""
@@ -241,8 +284,93 @@ class Oja(Rule):
         grad_P = -(CP - P @ (P.T @ CP))
         return grad_P, s["z_x"]
 
+    def work(self, layer, config):
+        return layer.N * layer.r * (layer.m + layer.n) + layer.m * layer.r * layer.r
 
-RULES = {rule.name: rule for rule in (SVD, Local, Oja, Fixed, FA, DFA, BP)}
+
+def top_subspace(sketch: Tensor, omega: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Top-r eigenvectors (m × r, orthonormal) and eigenvalues of a PSD matrix C seen only
+    through its sketch ``C Ω``: a single-pass Nyström approximation (Tropp et al., 2017),
+    so the errors are read once and no m × m matrix is formed. Exact when rank(C) ≤ k.
+    """
+    m, k = sketch.shape
+    Y, omega = sketch.double(), omega.to(sketch.device).double()
+    if k >= m:  # Ω = I: the sketch is C itself
+        values, vectors = torch.linalg.eigh((Y + Y.T) / 2)
+        order = values.argsort(descending=True)[:r]
+        return vectors[:, order].float(), values[order].clamp_min(0).float()
+    shift = float(Y.norm()) * 1e-12
+    Y = Y + shift * omega
+    core = omega.T @ Y
+    values, vectors = torch.linalg.eigh((core + core.T) / 2)
+    keep = values > values.max().clamp_min(0) * 1e-10
+    F = Y @ (vectors[:, keep] / values[keep].sqrt())  # Y (ΩᵀY)^{-1/2}: Ĉ = F Fᵀ
+    U, S, _ = torch.linalg.svd(F, full_matrices=False)
+    width = min(r, U.shape[1])
+    P = U[:, :width]
+    if width < r:  # fewer error directions than r: pad with any orthonormal complement
+        P = torch.linalg.qr(torch.cat([P, omega[:, : r - width]], dim=1)).Q
+    return P.float(), (S[:width] ** 2 - shift).clamp_min(0).float()
+
+
+class Calibrated(Rule):
+    """Fine-tuning: every ``calibrate_every`` steps one step runs exact backprop, and each layer
+    aims P at the top-r principal subspace of the output errors it received, ``Q = PᵀW``.
+
+    For errors with covariance C the rank-r feedback closest to ``δ W`` is (close to) that
+    choice, whatever W was pretrained for; the ``svd`` rule's top singular directions of W
+    carry the error only when W was trained from scratch. P and Q stay fixed in between.
+    """
+
+    name = "calibrated"
+    calibrates = True
+    oversample = 8
+
+    def init(self, W, r, generator):
+        U, S, Vh = truncated_svd(W, r, generator)  # orthonormal P, Q = PᵀW until the first calibration
+        return U.contiguous(), (S[:, None] * Vh).contiguous()
+
+    def sketch_size(self, m: int, r: int) -> int:
+        """Columns of the random test matrix Ω: 2r + 8 (capped at m, where Ω = I)."""
+        return min(m, 2 * r + self.oversample)
+
+    def sketch_matrix(self, m: int, r: int, generator: torch.Generator) -> Tensor:
+        k = self.sketch_size(m, r)
+        if k >= m:
+            return torch.eye(m)
+        return torch.linalg.qr(torch.randn(m, k, generator=generator)).Q
+
+    def cost(self, layer, config):
+        """One step in ``calibrate_every`` is exact backprop plus the sketch ``δᵀ(δΩ)`` (2·N·m·k)
+        and the re-aim (``Q = PᵀW``: m·n·r); the others are plain LDFA steps."""
+        every = config.calibrate_every
+        if not layer.input_grad:
+            return layer.exact_backward, 0
+        k = self.sketch_size(layer.m, layer.r)
+        calibration_work = 2 * layer.N * layer.m * k + layer.m * layer.n * layer.r
+        work = calibration_work // every
+        total = ((every - 1) * layer.feedback_backward + layer.exact_backward + calibration_work) // every
+        return total, work
+
+    def calibration_shapes(self, m: int, n: int, r: int) -> dict:
+        return {"sketch": (m, self.sketch_size(m, r))}
+
+    @staticmethod
+    def calibration_statistics(kind, g: Tensor, omega: Tensor) -> dict:
+        d = kind.rows(g).float()
+        return {"sketch": d.T @ (d @ omega)}
+
+    def calibrate(self, hook, omega: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """(P, Q) from the step's error sketch and the current weight; ``None`` if no error arrived."""
+        sketch = hook.stats["sketch"]
+        if not bool(sketch.any()):
+            return None
+        P, _ = top_subspace(sketch, omega, hook.rank)
+        W = hook.weight_matrix().float()
+        return P.contiguous(), (P.T @ W).contiguous()
+
+
+RULES = {rule.name: rule for rule in (SVD, Local, Oja, Calibrated, Fixed, FA, DFA, BP)}
 
 
 def make_rule(name: str) -> Rule:

@@ -14,7 +14,11 @@ from ldfa_hf import LDFAConfig
         (dict(rank=-3), "got -3"),
         (dict(rank=2.5), "got 2.5"),
         (dict(rank=True), "got True"),
-        (dict(rule="backprop"), "rule must be one of svd, local, oja, fixed, fa, dfa, bp; got 'backprop'"),
+        (dict(rule="backprop"), "rule must be one of svd, local, oja, calibrated, fixed, fa, dfa, bp; got 'backprop'"),
+        (dict(calibrate_every=0), "calibrate_every must be an int >= 1 (steps between exact calibration steps); got 0"),
+        (dict(calibrate_every=2.0), "calibrate_every must be an int >= 1"),
+        (dict(calibrate_every="8"), "got '8'"),
+        (dict(calibrate_every=True), "got True"),
         (dict(refresh_every=0), "refresh_every must be a positive int or None; got 0"),
         (dict(refresh_every=-5), "got -5"),
         (dict(feedback_lr=-0.1), "feedback_lr must be a finite number >= 0"),
@@ -41,7 +45,7 @@ def test_invalid_values_raise_with_what_was_found(kwargs, words):
 def test_json_round_trip(tmp_path):
     config = LDFAConfig(rank=7, rank_pattern={"qkv": 21}, rule="local", target_modules=["q_proj", "v_proj"],
                         exclude_modules="lm_head", include_conv=False, refresh_every=None, feedback_lr=1e-3,
-                        feedback_weight_decay=0.0, error_clip=None, seed=3)
+                        feedback_weight_decay=0.0, error_clip=None, seed=3, calibrate_every=5)
     assert LDFAConfig.from_dict(json.loads(config.to_json_string())) == config
     path = config.save_pretrained(tmp_path)
     assert path.endswith("ldfa_config.json")
