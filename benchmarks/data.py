@@ -176,6 +176,23 @@ def load_shakespeare_genres(chunk_chars: int = 512, seed: int = 0) -> DatasetDic
     return DatasetDict({k: Dataset.from_list(v).shuffle(seed=seed) for k, v in splits.items()})
 
 
+PYDOC_TOPICS = ("compound", "formatstrings", "string-methods", "typesseq", "debugger", "typesmapping")
+
+
+def load_pydoc_topics(chunk_chars: int = 128, test_fraction: float = 0.3, seed: int = 0) -> DatasetDict:
+    """Six sections of Python's own documentation (always installed), cut into passages; the label is
+    the section. A second fine-tuning task, unlike the genres one in domain, classes and balance."""
+    from pydoc_data.topics import topics
+
+    rows = []
+    for label, name in enumerate(PYDOC_TOPICS):
+        text = " ".join(topics[name].split())
+        rows += [{"text": text[i:i + chunk_chars], "label": label}
+                 for i in range(0, len(text) - chunk_chars, chunk_chars)]
+    split = Dataset.from_list(rows).train_test_split(test_size=test_fraction, seed=seed)
+    return DatasetDict(train=split["train"], test=split["test"])
+
+
 def load_shakespeare_chars(block: int = 128, val_fraction: float = 0.1) -> tuple[DatasetDict, list[str]]:
     """Character-level language modelling on the plays: (blocks of ``input_ids``, vocabulary)."""
     text = "\n".join(t for _, t in sorted(shakespeare_plays().items()))

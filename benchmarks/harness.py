@@ -20,7 +20,7 @@ import ldfa_hf
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LABELS = {"bp": "backprop", "svd": "LDFA svd", "local": "LDFA local", "oja": "LDFA oja",
-          "fixed": "fixed low-rank", "fa": "FA", "dfa": "DFA"}
+          "calibrated": "LDFA calibrated", "fixed": "fixed low-rank", "fa": "FA", "dfa": "DFA"}
 METHODS = tuple(LABELS)
 
 
@@ -98,7 +98,19 @@ class ResultTable:
         self.rows: list[dict] = []
         if os.path.exists(path):
             with open(path, newline="") as fh:
-                self.rows = list(csv.DictReader(fh))
+                reader = csv.DictReader(fh)
+                self.rows = list(reader)
+                header = reader.fieldnames or []
+            if header != fields:  # columns added since the file was written: rewrite it with blanks
+                self.rows = [{k: r.get(k) or "" for k in fields} for r in self.rows]
+                self.rewrite()
+
+    def rewrite(self) -> None:
+        """Write every row again (after columns were added or a derived column recomputed)."""
+        with open(self.path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self.fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
 
     def _key(self, row: dict) -> tuple:
         return tuple(str(row[k]) for k in self.key)

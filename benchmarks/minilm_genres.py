@@ -14,6 +14,8 @@ and minilm_genres_loss.png (training-loss curves).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import statistics
 import tempfile
@@ -26,11 +28,27 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Tra
 import ldfa_hf
 from ldfa_hf.metrics import Accuracy
 
-from .data import load_shakespeare_genres, minilm_path
+from .data import load_pydoc_topics, load_shakespeare_genres, minilm_path
 from .harness import RESULTS, ResultTable, attach, plot_curves, select
 
-FIELDS = ["mode", "method", "rank", "seed", "train_examples", "test_accuracy", "step_ms", "loss_curve", "seconds"]
+FIELDS = ["mode", "method", "rank", "variant", "seed", "train_examples", "test_accuracy", "backward_saved", "step_ms",
+          "loss_curve", "seconds"]
+KEY = ["mode", "method", "rank", "variant", "seed", "train_examples"]
+# LDFAConfig settings of each named variant ("" = the library defaults); the research table of issue 8
+VARIANTS = {
+    "": {},
+    "every4": {"calibrate_every": 4},
+    "every16": {"calibrate_every": 16},
+    "every32": {"calibrate_every": 32},
+    "exact-head": {"exclude_modules": r".*(pooler|classifier).*"},           # no residual path around them
+    "mlp-only": {"target_modules": r".*layer\.\d+\.(intermediate|output)\.dense(\.base_layer)?"},
+    "rrr": {}, "warmup": {}, "rrr-warmup": {},
+}
+# research switches of the calibrated rule (attributes of ``plugin.rule``, see ldfa_hf.rules.Calibrated)
+RULE_SWITCHES = {"rrr": {"subspace": "input"}, "warmup": {"warmup": True},
+                 "rrr-warmup": {"subspace": "input", "warmup": True}}
 LR = {"full": 1e-4, "lora": 1e-3}
+TASKS = {"genres": "Shakespeare genres", "pydoc": "Python-doc sections"}
 LOG_EVERY = 5  # optimizer steps between logged training losses
 
 
@@ -47,9 +65,9 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def model_for(mode: str, tiny: bool):
+def model_for(mode: str, tiny: bool, num_labels: int = 3):
     path = minilm_path()
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     if tiny:  # one layer of the real model: same code path, a fraction of the time
         model.bert.encoder.layer = model.bert.encoder.layer[:1]
     if mode == "lora":
@@ -60,11 +78,14 @@ def model_for(mode: str, tiny: bool):
     return model
 
 
-def fine_tune(mode: str, method: str, rank: int, seed: int, data, epochs: float, batch_size: int, tiny: bool) -> dict:
+def fine_tune(mode: str, method: str, rank: int, variant: str, seed: int, data, epochs: float, batch_size: int,
+              tiny: bool) -> dict:
     set_seed(seed)
-    model = model_for(mode, tiny)
+    model = model_for(mode, tiny, num_labels(data))
     steps = int(epochs * len(data["train"]) // batch_size)
-    plugin = attach(model, method, rank, seed, refresh_every=max(1, steps // 4))
+    plugin = attach(model, method, rank, seed, refresh_every=max(1, steps // 4), **VARIANTS[variant])
+    for key, value in RULE_SWITCHES.get(variant, {}).items():
+        setattr(plugin.rule, key, value)
     timer = StepTimer()
     callbacks = [timer] + ([ldfa_hf.LDFACallback(plugin)] if plugin is not None else [])
     with tempfile.TemporaryDirectory() as out:
@@ -78,26 +99,67 @@ def fine_tune(mode: str, method: str, rank: int, seed: int, data, epochs: float,
         predictions = trainer.predict(data["test"])
     accuracy = Accuracy().compute(predictions=predictions.predictions.argmax(-1), references=predictions.label_ids)
     curve = [f"{h['step']}:{h['loss']:.4f}" for h in trainer.state.log_history if "loss" in h]
-    return {"test_accuracy": f"{accuracy['accuracy']:.4f}", "step_ms": f"{1000 * statistics.median(timer.times[2:] or timer.times):.1f}",
+    saved = backward_saving(mode, method, rank, variant, data, batch_size, trainer.state.global_step, tiny)
+    return {"test_accuracy": f"{accuracy['accuracy']:.4f}", "backward_saved": f"{saved:.4f}", "step_ms": f"{1000 * statistics.median(timer.times[2:] or timer.times):.1f}",
             "loss_curve": " ".join(curve)}
 
 
-def tokenized(train_examples: int, test_examples: int, chunk_chars: int, max_length: int):
+def backward_saving(mode: str, method: str, rank: int, variant: str, data, batch_size: int, steps: int,
+                    tiny: bool) -> float:
+    """Backward multiply-adds LDFA saves over a run of ``steps`` optimizer steps, as a fraction of backprop's
+    over *every* linear layer (so variants that leave some layers exact compare on one scale), with the
+    exact calibration steps the run really took (warm-up ones included). Estimated on one batch."""
+    if method == "bp":
+        return 0.0
+    model = model_for(mode, tiny, num_labels(data))
+    plugin = attach(model, method, rank, 0, refresh_every=None, **VARIANTS[variant])
+    for key, value in RULE_SWITCHES.get(variant, {}).items():
+        setattr(plugin.rule, key, value)
+    batch = {k: torch.tensor(v) for k, v in data["train"][:batch_size].items() if k in ("input_ids", "attention_mask", "label")}
+    batch["labels"] = batch.pop("label")
+    model(**batch).loss.backward()
+    cost = plugin.cost()
+    ldfa = cost["backward_ldfa"]
+    if plugin.rule.calibrates:  # exact steps as counted in this run, the rest plain LDFA steps
+        config, every = plugin.config, plugin.config.calibrate_every
+        exact_steps = sum(plugin.rule.due(step, every) for step in range(steps))
+        plugin.config = dataclasses.replace(config, calibrate_every=1)
+        calibration = plugin.cost()["backward_ldfa"]
+        plugin.config = dataclasses.replace(config, calibrate_every=10**12)
+        plain = plugin.cost()["backward_ldfa"]
+        plugin.config = config
+        ldfa = (exact_steps * calibration + (steps - exact_steps) * plain) / steps
+    plugin.detach()
+    reference = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rule="bp"))
+    model.zero_grad()
+    model(**batch).loss.backward()
+    everything = reference.cost()["backward_bp"]
+    return (cost["backward_bp"] - ldfa) / everything
+
+
+def num_labels(data) -> int:
+    return len(set(data["train"]["label"]) | set(data["test"]["label"]))
+
+
+def tokenized(task: str, train_examples: int, test_examples: int, chunk_chars: int, max_length: int):
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    data = load_shakespeare_genres(chunk_chars=chunk_chars)
+    data = load_shakespeare_genres(chunk_chars=chunk_chars) if task == "genres" else load_pydoc_topics()
     data["train"] = data["train"].select(range(min(train_examples, len(data["train"]))))
     data["test"] = data["test"].select(range(min(test_examples, len(data["test"]))))
     return data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length, padding="max_length"),
-                    batched=True, remove_columns=["text", "play"])
+                    batched=True, remove_columns=[c for c in ("text", "play") if c in data["train"].column_names])
 
 
-def cells(modes: list[str], rank: int, seeds: int) -> list[tuple[str, str, int, int]]:
-    """(mode, method, rank, seeds): bp and LDFA svd in every mode over ``seeds``; oja and a 8× rank once."""
+def cells(modes: list[str], rank: int, seeds: int) -> list[tuple[str, str, int, str, int]]:
+    """(mode, method, rank, variant, seeds): bp, svd and calibrated (r = 32, defaults) over ``seeds`` in every
+    mode; the calibrated research variants (rank, calibration interval, where LDFA applies) once."""
     out = []
     for mode in modes:
-        out += [(mode, "bp", 0, seeds), (mode, "svd", rank, seeds)]
+        out += [(mode, "bp", 0, "", seeds), (mode, "svd", rank, "", seeds), (mode, "calibrated", 32, "", seeds)]
+        out += [(mode, "calibrated", 32, v, 1) for v in ("every4", "every16", "every32", "exact-head", "rrr", "warmup")]
+        out += [(mode, "calibrated", r, "", 1) for r in (8, 64)]
     if "full" in modes:
-        out += [("full", "oja", rank, 1), ("full", "svd", 8 * rank, 1)]
+        out += [("full", "oja", rank, "", 1), ("full", "svd", 8 * rank, "", 1), ("full", "calibrated", 32, "mlp-only", 1)]
     return out
 
 
@@ -111,33 +173,59 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--chunk-chars", type=int, default=256, help="passage length (about 60 tokens)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default=os.path.join(RESULTS, "minilm_genres.csv"))
+    parser.add_argument("--task", default="genres", choices=["genres", "pydoc"],
+                        help="genres: Shakespeare comedy/history/tragedy, split by play; pydoc: six sections of "
+                             "Python's documentation (a second task for checking that defaults generalise)")
+    parser.add_argument("--out", default=None, help="CSV (default benchmarks/results/minilm_<task>.csv)")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these methods (e.g. calibrated)")
+    parser.add_argument("--shard", default=None, help="i/n: run every n-th missing cell starting at i")
+    parser.add_argument("--recompute-saving", action="store_true",
+                        help="recompute the backward_saved column of every row (it depends on the cell, not the seed)")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
+    args.out = args.out or os.path.join(RESULTS, f"minilm_{args.task}.csv")
     max_length = 64
     if args.tiny:
         args.seeds, args.train_examples, args.test_examples, max_length = 1, 32, 16, 32
-    data = tokenized(args.train_examples, args.test_examples, args.chunk_chars, max_length)
-    table = ResultTable(args.out, FIELDS, key=["mode", "method", "rank", "seed", "train_examples"])
+    data = tokenized(args.task, args.train_examples, args.test_examples, args.chunk_chars, max_length)
+    table = ResultTable(args.out, FIELDS, key=KEY)
     plan = cells(args.modes, args.rank, args.seeds)
-    todo = [{"mode": mode, "method": method, "rank": rank, "seed": s, "train_examples": len(data["train"])}
-            for mode, method, rank, seeds in plan for s in range(seeds)]
+    if args.only:
+        plan = [c for c in plan if c[1] in args.only]
+    todo = [{"mode": mode, "method": method, "rank": rank, "variant": variant, "seed": s,
+             "train_examples": len(data["train"])}
+            for mode, method, rank, variant, seeds in plan for s in range(seeds)]
     todo.sort(key=lambda c: c["seed"])
-    table.run(todo, lambda c: fine_tune(c["mode"], c["method"], c["rank"], c["seed"], data, args.epochs,
+    if args.recompute_saving:
+        steps = math.ceil(args.epochs * len(data["train"]) / args.batch_size)
+        saved = {}
+        for row in table.select(train_examples=len(data["train"])):
+            cell = (row["mode"], row["method"], int(row["rank"]), row["variant"])
+            if cell not in saved:
+                saved[cell] = backward_saving(*cell, data, args.batch_size, steps, args.tiny)
+            row["backward_saved"] = f"{saved[cell]:.4f}"
+        table.rewrite()
+    if args.shard is not None:  # i/n: every n-th cell, for running two processes side by side
+        i, n = map(int, args.shard.split("/"))
+        todo = table.missing(todo)[i::n]
+    table.run(todo, lambda c: fine_tune(c["mode"], c["method"], c["rank"], c["variant"], c["seed"], data, args.epochs,
                                         args.batch_size, args.tiny), desc="minilm genres")
     rows = table.select(train_examples=len(data["train"]))
-    print(f"{'mode':<6} {'method':<6} {'rank':>5} {'test acc (mean)':>16} {'step ms':>9} {'seeds':>6}")
+    print(f"{'mode':<6} {'method':<11} {'rank':>5} {'variant':<11} {'test acc (mean)':>16} {'saved':>6} {'step ms':>9} {'seeds':>6}")
     curves = {}
-    for mode, method, rank, _ in plan:
-        cell = select(rows, mode=mode, method=method, rank=rank)
+    for mode, method, rank, variant, _ in plan:
+        cell = select(rows, mode=mode, method=method, rank=rank, variant=variant)
         if cell:
             acc = statistics.mean(float(r["test_accuracy"]) for r in cell)
+            saved = statistics.mean(float(r["backward_saved"] or "nan") for r in cell)
             ms = statistics.median(float(r["step_ms"]) for r in cell)
-            print(f"{mode:<6} {method:<6} {rank or '—':>5} {100 * acc:>15.2f}% {ms:>9.1f} {len(cell):>6}")
-            label = f"{mode} {'backprop' if method == 'bp' else f'LDFA {method} r={rank}'}"
-            curves[f"{label} ({100 * acc:.1f}%)"] = [(int(p.split(":")[0]), float(p.split(":")[1]))
-                                                     for p in cell[0]["loss_curve"].split()]
-    plot_curves(curves, args.out[:-4] + "_loss.png", "MiniLM on Shakespeare genres: training loss (seed 0)",
+            print(f"{mode:<6} {method:<11} {rank or '—':>5} {variant or 'default':<11} {100 * acc:>15.2f}% "
+                  f"{100 * saved:>5.0f}% {ms:>9.1f} {len(cell):>6}")
+            if variant == "" and method in ("bp", "svd", "calibrated") and rank in (0, args.rank, 32):
+                label = f"{mode} {'backprop' if method == 'bp' else f'LDFA {method} r={rank}'}"
+                curves[f"{label} ({100 * acc:.1f}%)"] = [(int(p.split(":")[0]), float(p.split(":")[1]))
+                                                         for p in cell[0]["loss_curve"].split()]
+    plot_curves(curves, args.out[:-4] + "_loss.png", f"MiniLM on {TASKS[args.task]}: training loss (seed 0)",
                 xlabel="optimizer step", window=3)
     return rows
 

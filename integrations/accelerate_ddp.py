@@ -39,6 +39,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rule", default="svd")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--calibrate-every", type=int, default=ldfa_hf.LDFAConfig.calibrate_every,
+                        help="calibrated rule: one exact step in this many")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16, help="per process")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -54,7 +56,8 @@ def main(argv=None) -> None:
                         intermediate_size=2 * width, max_position_embeddings=seq, num_labels=4,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = BertForSequenceClassification(config)
-    plugin = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rule=args.rule, rank=args.rank, seed=args.seed))  # LDFA
+    plugin = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rule=args.rule, rank=args.rank, seed=args.seed,
+                                                          calibrate_every=args.calibrate_every))  # LDFA
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     data = synthetic_text(args.steps * args.batch_size * accelerator.num_processes, seq, vocab)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=False)

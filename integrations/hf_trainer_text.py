@@ -71,6 +71,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="pretrained model folder or Hub id (default: small BERT)")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--calibrate-every", type=int, default=ldfa_hf.LDFAConfig.calibrate_every,
+                        help="calibrated rule: one exact step in this many")
     parser.add_argument("--rule", default="svd")
     parser.add_argument("--output-dir", default="out/hf_trainer_text")
     parser.add_argument("--max-steps", type=int, default=300)
@@ -92,7 +94,8 @@ def main(argv=None):
         data = data.select(range(128))
     split = data.train_test_split(test_size=0.2, seed=0)
 
-    plugin = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=args.rank, rule=args.rule, seed=args.seed))  # LDFA
+    plugin = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=args.rank, rule=args.rule, seed=args.seed,
+                                                          calibrate_every=args.calibrate_every))  # LDFA
     callbacks = [ldfa_hf.LDFACallback(plugin)]                                                       # LDFA
     if args.pause_after_save:
         callbacks.append(PauseAfterSave(args.pause_after_save))

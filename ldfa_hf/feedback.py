@@ -133,7 +133,8 @@ class FeedbackHook:
         gx = z = None
         if calibrate:
             gx = kind.exact(g, module, x_shape) if need_gx else None
-            self.accumulate(self.rule.calibration_statistics(kind, g, self.sketch_matrix(g.device)), kind.samples(g))
+            omega = self.sketch_matrix(g.device)
+            self.accumulate(self.rule.calibration_statistics(kind, module, g, omega), kind.samples(g))
         elif self.rule.exact:
             gx = kind.exact(g, module, x_shape) if need_gx else None
         elif self.rule.direct:
@@ -165,8 +166,8 @@ class FeedbackHook:
         """The calibration step's random test matrix Ω, the same for every micro-batch and process."""
         step = self.switch.step
         if self._omega is None or self._omega[0] != step or self._omega[1].device != device:
-            m = self.P.shape[0]
-            omega = self.rule.sketch_matrix(m, self.rank, factor_generator(self.seed, self.name, step))
+            dim = self.rule.sketch_dim(self.P.shape[0], self.Q.shape[1])
+            omega = self.rule.sketch_matrix(dim, self.rank, factor_generator(self.seed, self.name, step))
             self._omega = (step, omega.to(device))
         return self._omega[1]
 

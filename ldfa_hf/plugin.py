@@ -185,7 +185,7 @@ class LDFAPlugin:
         """Tell the hooks whether the coming step calibrates (a function of the step count only,
         so a resumed run calibrates on the same steps as an uninterrupted one)."""
         self.switch.step = self.num_steps
-        self.switch.calibrating = self.rule.calibrates and self.num_steps % self.config.calibrate_every == 0
+        self.switch.calibrating = self.rule.calibrates and self.rule.due(self.num_steps, self.config.calibrate_every)
 
     def _calibrate(self) -> None:
         """Re-aim every layer that saw errors this step: P from the error sketch, Q = PᵀW."""

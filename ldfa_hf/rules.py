@@ -320,54 +320,75 @@ class Calibrated(Rule):
     For errors with covariance C the rank-r feedback closest to ``δ W`` is (close to) that
     choice, whatever W was pretrained for; the ``svd`` rule's top singular directions of W
     carry the error only when W was trained from scratch. P and Q stay fixed in between.
+
+    Two research switches (attributes, not config): ``subspace = "input"`` takes the
+    reduced-rank-regression optimum instead (V = top eigenvectors of the covariance of the
+    exact input gradients ``δW``; ``P = W V``, ``Q = Vᵀ``), and ``warmup = True`` also
+    calibrates on steps 1, 2, 4, … below ``calibrate_every``, while the new head moves fastest.
     """
 
     name = "calibrated"
     calibrates = True
     oversample = 8
+    subspace = "output"
+    warmup = False
 
     def init(self, W, r, generator):
         U, S, Vh = truncated_svd(W, r, generator)  # orthonormal P, Q = PᵀW until the first calibration
         return U.contiguous(), (S[:, None] * Vh).contiguous()
 
-    def sketch_size(self, m: int, r: int) -> int:
-        """Columns of the random test matrix Ω: 2r + 8 (capped at m, where Ω = I)."""
-        return min(m, 2 * r + self.oversample)
+    def due(self, step: int, every: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) is a calibration step."""
+        if step % every == 0:
+            return True
+        return self.warmup and step < every and step & (step - 1) == 0
 
-    def sketch_matrix(self, m: int, r: int, generator: torch.Generator) -> Tensor:
-        k = self.sketch_size(m, r)
-        if k >= m:
-            return torch.eye(m)
-        return torch.linalg.qr(torch.randn(m, k, generator=generator)).Q
+    def sketch_dim(self, m: int, n: int) -> int:
+        """Dimension of the vectors sketched: output errors (m) or input gradients (n)."""
+        return n if self.subspace == "input" else m
+
+    def sketch_size(self, dim: int, r: int) -> int:
+        """Columns of the random test matrix Ω: 2r + 8 (capped at the dimension, where Ω = I)."""
+        return min(dim, 2 * r + self.oversample)
+
+    def sketch_matrix(self, dim: int, r: int, generator: torch.Generator) -> Tensor:
+        k = self.sketch_size(dim, r)
+        if k >= dim:
+            return torch.eye(dim)
+        return torch.linalg.qr(torch.randn(dim, k, generator=generator)).Q
 
     def cost(self, layer, config):
-        """One step in ``calibrate_every`` is exact backprop plus the sketch ``δᵀ(δΩ)`` (2·N·m·k)
-        and the re-aim (``Q = PᵀW``: m·n·r); the others are plain LDFA steps."""
+        """One step in ``calibrate_every`` is exact backprop plus the sketch (2·N·d·k) and the
+        re-aim (m·n·r); the others are plain LDFA steps."""
         every = config.calibrate_every
         if not layer.input_grad:
             return layer.exact_backward, 0
-        k = self.sketch_size(layer.m, layer.r)
-        calibration_work = 2 * layer.N * layer.m * k + layer.m * layer.n * layer.r
+        dim = self.sketch_dim(layer.m, layer.n)
+        calibration_work = 2 * layer.N * dim * self.sketch_size(dim, layer.r) + layer.m * layer.n * layer.r
         work = calibration_work // every
         total = ((every - 1) * layer.feedback_backward + layer.exact_backward + calibration_work) // every
         return total, work
 
     def calibration_shapes(self, m: int, n: int, r: int) -> dict:
-        return {"sketch": (m, self.sketch_size(m, r))}
+        dim = self.sketch_dim(m, n)
+        return {"sketch": (dim, self.sketch_size(dim, r))}
 
-    @staticmethod
-    def calibration_statistics(kind, g: Tensor, omega: Tensor) -> dict:
+    def calibration_statistics(self, kind, module, g: Tensor, omega: Tensor) -> dict:
         d = kind.rows(g).float()
+        if self.subspace == "input":  # δW per sample (for a conv, per output position)
+            d = d @ kind.matrix(module).detach().float()
         return {"sketch": d.T @ (d @ omega)}
 
     def calibrate(self, hook, omega: Tensor) -> Optional[tuple[Tensor, Tensor]]:
-        """(P, Q) from the step's error sketch and the current weight; ``None`` if no error arrived."""
+        """(P, Q) from the step's sketch and the current weight; ``None`` if no error arrived."""
         sketch = hook.stats["sketch"]
         if not bool(sketch.any()):
             return None
-        P, _ = top_subspace(sketch, omega, hook.rank)
+        basis, _ = top_subspace(sketch, omega, hook.rank)
         W = hook.weight_matrix().float()
-        return P.contiguous(), (P.T @ W).contiguous()
+        if self.subspace == "input":
+            return (W @ basis).contiguous(), basis.T.contiguous()
+        return basis.contiguous(), (basis.T @ W).contiguous()
 
 
 RULES = {rule.name: rule for rule in (SVD, Local, Oja, Calibrated, Fixed, FA, DFA, BP)}

@@ -267,3 +267,28 @@ def test_param_grads_on_a_calibration_step_equal_backprop():
     expected, got = param_grads(reference, batch), param_grads(model, batch)
     for key in expected:
         assert rel_err(got[key], expected[key]) <= 1e-5, key
+
+
+def test_reduced_rank_regression_variant_is_exact_at_full_rank_and_for_low_rank_errors():
+    model = linear_chain()
+    reference = clone(model)
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=3))
+    plugin.rule.subspace = "input"
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 12, generator=g), torch.randint(0, 3, (64,), generator=g)
+    nn.functional.cross_entropy(model(x), y).backward()
+    plugin.step()
+    view = plugin.layers["1"]
+    assert torch.allclose(view.Q @ view.Q.T, torch.eye(3), atol=1e-5)            # Q = Vᵀ, orthonormal rows
+    assert torch.allclose(view.P, view.module.weight @ view.Q.T, atol=1e-5)      # P = W V
+    got, expected = _grads(model, x, y, ["1", "2"]), _grads(reference, x, y, ["1", "2"])
+    for name in got:
+        assert rel_err(got[name], expected[name]) <= 1e-5, name
+
+
+def test_warmup_adds_calibrations_at_powers_of_two_below_the_interval():
+    plugin = ldfa_hf.wrap(nn.Linear(4, 4), LDFAConfig(rule="calibrated", rank=2, calibrate_every=8))
+    plain = [step for step in range(20) if plugin.rule.due(step, 8)]
+    plugin.rule.warmup = True
+    warm = [step for step in range(20) if plugin.rule.due(step, 8)]
+    assert plain == [0, 8, 16] and warm == [0, 1, 2, 4, 8, 16]

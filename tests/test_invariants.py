@@ -63,7 +63,7 @@ def _local_weight_grads(model, plugin, batch):
     return seen
 
 
-@pytest.mark.parametrize("rule", ["svd", "local", "oja", "fixed", "fa", "dfa"])
+@pytest.mark.parametrize("rule", ["svd", "local", "oja", "calibrated", "fixed", "fa", "dfa"])
 def test_invariant2_weight_and_bias_grads_are_the_exact_local_ones(hf_model, rule):
     name, model, batch = hf_model
     plugin = ldfa_hf.wrap(model, LDFAConfig(rule=rule, rank=2))
@@ -95,12 +95,13 @@ def _snapshot(model):
     }
 
 
-def test_invariant3_detach_restores_the_model_exactly(hf_model):
+@pytest.mark.parametrize("rule", ["oja", "calibrated"])
+def test_invariant3_detach_restores_the_model_exactly(hf_model, rule):
     name, model, batch = hf_model
     reference = clone(model)
     before = _snapshot(model)
     keys = list(model.state_dict())
-    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="oja", rank=2))
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule=rule, rank=2))
     model(**batch).loss.backward()
     plugin.step()
     plugin.detach()

@@ -106,9 +106,10 @@ def test_probe_batch_adds_the_angle(tmp_path):
     assert angles and 0 < angles[0] < 90
 
 
-def run_script(out, *extra, pause=0.0):
-    cmd = [sys.executable, SCRIPT, "--tiny", "--rule", "oja", "--max-steps", "8", "--save-steps", "2",
-           "--output-dir", str(out), *extra]
+def run_script(out, *extra, pause=0.0, rule="oja"):
+    # calibrated: calibrations on steps 0, 3, 6, so the resumed half (from checkpoint 4) has one of its own
+    cmd = [sys.executable, SCRIPT, "--tiny", "--rule", rule, "--calibrate-every", "3", "--max-steps", "8",
+           "--save-steps", "2", "--output-dir", str(out), *extra]
     if pause:
         cmd += ["--pause-after-save", str(pause)]
     return cmd
@@ -118,16 +119,17 @@ def final_state(out):
     return load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(out, "ldfa_state.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+@pytest.fixture(scope="module", params=["oja", "calibrated"])
+def uninterrupted(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    subprocess.run(run_script(out), check=True, cwd=ROOT, capture_output=True)
-    return final_state(out)
+    subprocess.run(run_script(out, rule=request.param), check=True, cwd=ROOT, capture_output=True)
+    return request.param, final_state(out)
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, uninterrupted):
-    proc = subprocess.Popen(run_script(tmp_path, pause=30), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+    rule, (ref_weights, ref_factors) = uninterrupted
+    proc = subprocess.Popen(run_script(tmp_path, pause=30, rule=rule), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
     try:
         for line in proc.stdout:
             if line.startswith("saved checkpoint-4"):
@@ -140,9 +142,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, uninterrupt
     assert proc.returncode == -signal.SIGKILL
     assert os.path.exists(tmp_path / "checkpoint-4" / "ldfa_state.safetensors")
     assert not os.path.exists(tmp_path / "checkpoint-6")
-    subprocess.run(run_script(tmp_path, "--resume"), check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(run_script(tmp_path, "--resume", rule=rule), check=True, cwd=ROOT, capture_output=True)
     weights, factors = final_state(tmp_path)
-    ref_weights, ref_factors = uninterrupted
     assert weights.keys() == ref_weights.keys() and factors.keys() == ref_factors.keys()
     for key in ref_weights:
         assert torch.equal(weights[key], ref_weights[key]), key
