@@ -5,9 +5,9 @@
 
 No pretrained ConvNeXt installs offline, so one is made here: trained with backprop on MNIST
 digits 0–4 (cached under the data cache), then its head is replaced and the whole network is
-fine-tuned on digits 5–9. That is the fine-tuning situation of LDFA_SPEC §3 ``calibrated``:
+fine-tuned on digits 5–9. That is the fine-tuning situation the ``calibrated`` rule is for (docs/METHOD.md §3):
 the weights were shaped by another task, so their top singular directions need not carry the
-new task's error. Results: benchmarks/results/convnext_transfer.csv and .png.
+new task's error. Results: benchmarks/results/convnext_transfer.csv.
 """
 
 from __future__ import annotations

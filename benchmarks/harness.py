@@ -29,7 +29,8 @@ def method_cells(ranks: Iterable[int], headline_rank: int) -> list[tuple[str, in
     cells = [("bp", 0, True), ("fa", 0, True), ("dfa", 0, True)]
     cells += [("svd", r, r == headline_rank) for r in ranks]
     if headline_rank in ranks:
-        cells += [("local", headline_rank, False), ("oja", headline_rank, False), ("fixed", headline_rank, True)]
+        cells += [("local", headline_rank, False), ("oja", headline_rank, False), ("calibrated", headline_rank, False),
+                  ("fixed", headline_rank, True)]
     return cells
 
 
@@ -189,7 +190,7 @@ def plot_rank_sweep(rows: list[dict], path: str, title: str, column: str = "test
     ranks = sorted({int(r["rank"]) for r in rows if r["method"] == "svd"})
     if ranks:
         ax.plot(ranks, [scale * mean_of(rows, column, method="svd", rank=k)[0] for k in ranks], "o-", label="LDFA (svd)")
-    for method, style in (("local", "s"), ("oja", "^"), ("fixed", "x")):
+    for method, style in (("local", "s"), ("oja", "^"), ("calibrated", "D"), ("fixed", "x")):
         for k in sorted({int(r["rank"]) for r in rows if r["method"] == method}):
             ax.plot([k], [scale * mean_of(rows, column, method=method, rank=k)[0]], style,
                     label=f"{LABELS[method]} r={k}", markersize=8)

@@ -211,23 +211,78 @@ def main(argv=None) -> list[dict]:
     table.run(todo, lambda c: fine_tune(c["mode"], c["method"], c["rank"], c["variant"], c["seed"], data, args.epochs,
                                         args.batch_size, args.tiny), desc="minilm genres")
     rows = table.select(train_examples=len(data["train"]))
-    print(f"{'mode':<6} {'method':<11} {'rank':>5} {'variant':<11} {'test acc (mean)':>16} {'saved':>6} {'step ms':>9} {'seeds':>6}")
+    summary = summarise(rows, plan)
+    print(markdown_table(summary))
     curves = {}
-    for mode, method, rank, variant, _ in plan:
-        cell = select(rows, mode=mode, method=method, rank=rank, variant=variant)
-        if cell:
-            acc = statistics.mean(float(r["test_accuracy"]) for r in cell)
-            saved = statistics.mean(float(r["backward_saved"] or "nan") for r in cell)
-            ms = statistics.median(float(r["step_ms"]) for r in cell)
-            print(f"{mode:<6} {method:<11} {rank or '—':>5} {variant or 'default':<11} {100 * acc:>15.2f}% "
-                  f"{100 * saved:>5.0f}% {ms:>9.1f} {len(cell):>6}")
-            if variant == "" and method in ("bp", "svd", "calibrated") and rank in (0, args.rank, 32):
-                label = f"{mode} {'backprop' if method == 'bp' else f'LDFA {method} r={rank}'}"
-                curves[f"{label} ({100 * acc:.1f}%)"] = [(int(p.split(":")[0]), float(p.split(":")[1]))
-                                                         for p in cell[0]["loss_curve"].split()]
+    for line in summary:
+        if line["variant"] == "" and line["method"] in ("bp", "svd", "calibrated") and line["rank"] in (0, args.rank, 32):
+            cell = select(rows, mode=line["mode"], method=line["method"], rank=line["rank"], variant="")
+            label = f"{line['mode']} " + ("backprop" if line["method"] == "bp" else f"LDFA {line['method']} r={line['rank']}")
+            curves[f"{label} ({line['accuracy']:.1f}%)"] = [(int(p.split(":")[0]), float(p.split(":")[1]))
+                                                          for p in cell[0]["loss_curve"].split()]
     plot_curves(curves, args.out[:-4] + "_loss.png", f"MiniLM on {TASKS[args.task]}: training loss (seed 0)",
                 xlabel="optimizer step", window=3)
+    plot_pareto(summary, args.out[:-4] + "_pareto.png", f"MiniLM on {TASKS[args.task]}: accuracy vs backward saved")
     return rows
+
+
+def describe(method: str, rank: int, variant: str) -> str:
+    if method == "bp":
+        return "backprop"
+    return f"{method} r={rank}" + (f" {variant}" if variant else "")
+
+
+def summarise(rows: list[dict], plan) -> list[dict]:
+    """One line per planned cell that has results: mean (sd) accuracy in %, saving in %, seeds."""
+    out = []
+    for mode, method, rank, variant, _ in plan:
+        cell = select(rows, mode=mode, method=method, rank=rank, variant=variant)
+        if not cell:
+            continue
+        accs = [100 * float(r["test_accuracy"]) for r in cell]
+        saved = [100 * float(r["backward_saved"]) for r in cell if r["backward_saved"]]
+        out.append({"mode": mode, "method": method, "rank": rank, "variant": variant,
+                    "accuracy": statistics.mean(accs), "sd": statistics.stdev(accs) if len(accs) > 1 else None,
+                    "saved": statistics.mean(saved) if saved else None, "seeds": len(accs),
+                    "step_ms": statistics.median(float(r["step_ms"]) for r in cell)})
+    return out
+
+
+def markdown_table(summary: list[dict]) -> str:
+    bp = {line["mode"]: line["accuracy"] for line in summary if line["method"] == "bp"}
+    lines = ["| mode | feedback | accuracy | vs bp | backward saved | seeds |", "|---|---|---|---|---|---|"]
+    for line in summary:
+        sd = f" ± {line['sd']:.1f}" if line["sd"] is not None else ""
+        delta = "" if line["method"] == "bp" or line["mode"] not in bp else f"{line['accuracy'] - bp[line['mode']]:+.1f}"
+        saved = "" if line["saved"] is None else f"{line['saved']:.0f}%"
+        lines.append(f"| {line['mode']} | {describe(line['method'], line['rank'], line['variant'])} | "
+                     f"{line['accuracy']:.1f}%{sd} | {delta} | {saved} | {line['seeds']} |")
+    return "\n".join(lines)
+
+
+def plot_pareto(summary: list[dict], path: str, title: str) -> str:
+    """Accuracy against backward multiply-adds saved: the front a user chooses from, per mode."""
+    from .harness import _pyplot, save_figure
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, mode in zip(axes, ("full", "lora")):
+        lines = [line for line in summary if line["mode"] == mode]
+        for line in lines:
+            if line["method"] == "bp":
+                ax.axhline(line["accuracy"], color="k", ls="--", lw=1, label="backprop")
+                continue
+            if line["saved"] is None:
+                continue
+            marker = {"calibrated": "o", "svd": "s", "oja": "^"}.get(line["method"], "x")
+            ax.plot([line["saved"]], [line["accuracy"]], marker, ms=7 if line["seeds"] > 1 else 5,
+                    label=describe(line["method"], line["rank"], line["variant"]) + f" ({line['seeds']} seed"
+                    + ("s)" if line["seeds"] > 1 else ")"))
+        ax.set_xlabel("backward multiply-adds saved over all linear layers (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{title} ({mode})", fontsize=9)
+        ax.legend(fontsize=6)
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

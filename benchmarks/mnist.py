@@ -1,4 +1,4 @@
-"""MNIST test accuracy vs feedback rank, against bp, fa and dfa (issue #4, experiments b and c).
+"""MNIST test accuracy vs feedback rank, against bp, fa and dfa.
 
     python -m benchmarks.mnist --model mlp        # MLP 784-256-256-10, full 50k training split
     python -m benchmarks.mnist --model cnn        # 3 conv blocks with BatchNorm

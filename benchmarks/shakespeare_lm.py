@@ -81,7 +81,7 @@ def train_lm(method: str, rank: int, seed: int, steps: int, data, vocab_size: in
 def cells(ranks, seeds: int) -> list[tuple[str, int, bool]]:
     out = [("bp", 0, True), ("svd", HEADLINE_RANK, True)]
     out += [("svd", r, False) for r in ranks if r != HEADLINE_RANK]
-    out += [("fixed", HEADLINE_RANK, False), ("fa", 0, False)]
+    out += [("calibrated", HEADLINE_RANK, False), ("fixed", HEADLINE_RANK, False), ("fa", 0, False)]
     return out
 
 
@@ -90,7 +90,7 @@ def plot_val_curves(rows: list[dict], path: str) -> str:
     for row in sorted(rows, key=lambda r: (r["method"] != "bp", r["method"], int(r["rank"]))):
         if row["seed"] != "0":
             continue
-        label = LABELS[row["method"]] + (f" r={row['rank']}" if row["method"] in ("svd", "fixed") else "")
+        label = LABELS[row["method"]] + (f" r={row['rank']}" if row["method"] in ("svd", "calibrated", "fixed") else "")
         curves[label] = [(int(p.split(":")[0]), float(p.split(":")[1])) for p in row["val_curve"].split()]
     return plot_curves(curves, path, "Shakespeare char-level Llama: validation loss (seed 0)",
                        ylabel="validation loss (nats/char)", xlabel="training step", window=1)

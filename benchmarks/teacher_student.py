@@ -1,4 +1,4 @@
-"""Teacher–student (LDFA_SPEC §4.5): which feedback rank a task of dimensionality d needs.
+"""Teacher–student (docs/METHOD.md §4, invariant 5): which feedback rank a task of dimensionality d needs.
 
 A teacher ``y = U tanh(V x)`` with ``V`` of rank d; a student MLP with a bottleneck that
 must find V's row space, which it can only do if its hidden layers receive at least d

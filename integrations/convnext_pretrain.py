@@ -57,8 +57,8 @@ def main(argv=None):
         save_strategy="no", logging_steps=50, report_to=[], seed=args.seed,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=split["train"],
-                      callbacks=[ldfa_hf.LDFACallback(plugin)])                                     # LDFA
+    trainer = Trainer(model=model, args=training_args, train_dataset=split["train"])
+    ldfa_hf.LDFACallback(plugin).install(trainer)                              # LDFA, ahead of the reporters
     trainer.train()
     predictions = trainer.predict(split["test"])
     accuracy = float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())

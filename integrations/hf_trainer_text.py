@@ -96,9 +96,7 @@ def main(argv=None):
 
     plugin = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=args.rank, rule=args.rule, seed=args.seed,
                                                           calibrate_every=args.calibrate_every))  # LDFA
-    callbacks = [ldfa_hf.LDFACallback(plugin)]                                                       # LDFA
-    if args.pause_after_save:
-        callbacks.append(PauseAfterSave(args.pause_after_save))
+    callbacks = [PauseAfterSave(args.pause_after_save)] if args.pause_after_save else []
 
     training_args = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
@@ -107,6 +105,7 @@ def main(argv=None):
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=split["train"], callbacks=callbacks)
+    ldfa_hf.LDFACallback(plugin).install(trainer)                              # LDFA, ahead of the reporters
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     metrics = trainer.evaluate(split["test"])
     predictions = trainer.predict(split["test"])

@@ -6,10 +6,10 @@
 """
 
 from .callback import LDFACallback
-from .config import LDFAConfig
+from .config import LDFAConfig, LDFAWarning
 from .plugin import LDFAPlugin, wrap
 from .targets import Target
 
 __version__ = "0.1.0"
 
-__all__ = ["LDFACallback", "LDFAConfig", "LDFAPlugin", "Target", "wrap", "__version__"]
+__all__ = ["LDFACallback", "LDFAConfig", "LDFAPlugin", "LDFAWarning", "Target", "wrap", "__version__"]

@@ -8,12 +8,13 @@ and a few ``ldfa/*`` scalars into the logs.
 from __future__ import annotations
 
 import os
-import sys
+import warnings
 from typing import Any, Mapping, Optional
 
 import torch
 from transformers import TrainerCallback
 
+from .config import LDFAWarning
 from .plugin import STATE_NAME, LDFAPlugin, load_state_file
 
 
@@ -29,7 +30,8 @@ class LDFACallback(TrainerCallback):
 
     Example:
         >>> plugin = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=16))
-        >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[LDFACallback(plugin)])
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds)
+        >>> LDFACallback(plugin).install(trainer)              # ahead of TensorBoard / W&B
         >>> trainer.train()                                    # or resume_from_checkpoint=True
     """
 
@@ -40,30 +42,41 @@ class LDFACallback(TrainerCallback):
         self.plugin = plugin
         self.probe_batch = probe_batch
         self.resume_from_checkpoint = resume_from_checkpoint
+        self._installed = False
 
     # -- ordering: our scalars must be in `logs` before the reporting callbacks read them ------
-    def _run_before_reporters(self) -> None:
-        """Move this callback right after DefaultFlowCallback in the Trainer's handler.
+    def install(self, trainer) -> "LDFACallback":
+        """Add this callback to ``trainer`` ahead of its reporters (TensorBoard, W&B, ...).
 
-        Trainer puts user callbacks after TensorBoard/W&B/...; those read ``logs`` in their
-        own ``on_log``, so ours must run first for ``ldfa/*`` scalars to reach them. The
-        handler is the caller of every event (``CallbackHandler.call_event``).
+        The Trainer runs user callbacks after the reporting ones, which read ``logs`` in their own
+        ``on_log``; installed this way, the ``ldfa/*`` scalars are in ``logs`` before they do. Uses
+        only the Trainer's public ``add_callback`` / ``pop_callback``.
+
+        Example:
+            >>> trainer = Trainer(model=model, args=args, train_dataset=ds)
+            >>> LDFACallback(plugin).install(trainer)
+            >>> trainer.train()
         """
-        from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+        from transformers.trainer_callback import DefaultFlowCallback
 
-        handler = sys._getframe(2).f_locals.get("self")
-        if not isinstance(handler, CallbackHandler) or self not in handler.callbacks:
-            return
-        handler.callbacks.remove(self)
-        position = sum(isinstance(cb, DefaultFlowCallback) for cb in handler.callbacks[:1])
-        handler.callbacks.insert(position, self)
-
-    def on_init_end(self, args, state, control, **kwargs):
-        self._run_before_reporters()
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        ahead = trainer.callback_handler.callbacks
+        for callback in ahead[:ahead.index(self)]:
+            if not isinstance(callback, DefaultFlowCallback):
+                trainer.pop_callback(callback)   # re-added behind us, in the same order
+                trainer.add_callback(callback)
+        self._installed = True
+        return self
 
     # -- training --------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
-        self._run_before_reporters()
+        reporters = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
+        if not self._installed and [r for r in reporters if r != "none"]:
+            warnings.warn(
+                "LDFACallback was passed in callbacks=[...], so it runs after the reporting callbacks "
+                f"({', '.join(reporters)}) and the ldfa/* scalars reach only trainer.state.log_history; "
+                "use LDFACallback(plugin).install(trainer) to report them too", LDFAWarning, stacklevel=2)
         if state.global_step > 0:  # the Trainer restored its state from a checkpoint
             folder = self.resume_from_checkpoint or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             self._restore(folder)

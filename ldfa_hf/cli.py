@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-# experiment name -> what it measures (issue #4); each is benchmarks/<name>.py and takes --tiny
+# experiment name -> what it measures ; each is benchmarks/<name>.py and takes --tiny
 EXPERIMENTS = {
     "teacher_student": "a: the smallest rank that matches backprop, task dimensionality d in {2, 4, 8, 16}",
     "mnist": "b, c: accuracy vs rank on MNIST (--model mlp | cnn | vit | convnext) against bp, fa, dfa",

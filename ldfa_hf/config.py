@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 CONFIG_NAME = "ldfa_config.json"
+
+
+class LDFAWarning(UserWarning):
+    """Everything ``ldfa_hf`` warns about (filter it with ``warnings.simplefilter(..., LDFAWarning)``)."""
+
 RULES = ("svd", "local", "oja", "calibrated", "fixed", "fa", "dfa", "bp")
 
 
@@ -143,7 +148,7 @@ class LDFAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            warnings.warn(f"LDFAConfig: ignoring unknown keys {unknown}", stacklevel=2)
+            warnings.warn(f"LDFAConfig: ignoring unknown keys {unknown}", LDFAWarning, stacklevel=2)
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json_string(self) -> str:

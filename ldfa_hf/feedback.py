@@ -53,6 +53,49 @@ class _Feedback(torch.autograd.Function):
         return (g if ctx.needs_input_grad[0] else None), (None if gx is None else gx.to(ctx.x_dtype)), None, None, None
 
 
+class _Registered:
+    """What a module's hook dict holds for LDFA: a call into the owning ``FeedbackHook``.
+
+    A copy of the model (``copy.deepcopy``, pickling, ``torch.save``) gets an ``_Orphan`` in its
+    place instead of a second, unowned LDFA layer: the copy trains with exact backprop and can
+    be wrapped by a plugin of its own.
+    """
+
+    def __init__(self, owner: "FeedbackHook", method: str) -> None:
+        self.owner, self.method = owner, method
+
+    def __call__(self, *args):
+        return getattr(self.owner, self.method)(*args)
+
+    def __deepcopy__(self, memo) -> "_Orphan":
+        return _Orphan()
+
+    def __reduce__(self):
+        return (_Orphan, ())
+
+
+class _Orphan:
+    """A copied LDFA hook: does nothing and takes itself off its module the first time it runs."""
+
+    def __call__(self, module: nn.Module, *args):
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, v in hooks.items() if v is self]:
+                hooks.pop(key)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_with_kwargs.pop(key, None)
+        return None
+
+
+def registered_hook(hook) -> Optional["FeedbackHook"]:
+    """The ``FeedbackHook`` behind an entry of a module's hook dict, or ``None``."""
+    return hook.owner if isinstance(hook, _Registered) else None
+
+
+def orphans(module: nn.Module) -> int:
+    """Copied LDFA hooks still on ``module`` (they vanish on its next forward)."""
+    return sum(isinstance(v, _Orphan) for v in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))
+
+
 class FeedbackHook:
     """LDFA on one layer: its factors P (m×r) and Q (r×n), and the statistics of the step."""
 
@@ -75,8 +118,8 @@ class FeedbackHook:
     def register(self) -> "FeedbackHook":
         module = self._module
         self._handles = [
-            module.register_forward_pre_hook(self.pre_forward, with_kwargs=True),
-            module.register_forward_hook(self.post_forward, with_kwargs=True),
+            module.register_forward_pre_hook(_Registered(self, "pre_forward"), with_kwargs=True),
+            module.register_forward_hook(_Registered(self, "post_forward"), with_kwargs=True),
         ]
         return self
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .config import LDFAConfig
+from .config import LDFAConfig, LDFAWarning
 from .feedback import FeedbackHook, Switch
 from .rules import LayerCost, factor_generator, make_rule
 from .targets import Target, existing_hook_owner, find_targets, unmatched_rank_patterns
@@ -89,7 +89,7 @@ class LDFAPlugin:
         found = find_targets(model, self.config)
         missing = unmatched_rank_patterns(found, self.config)
         if missing:
-            warnings.warn(f"LDFA rank_pattern keys {missing} match no targeted layer", stacklevel=3)
+            warnings.warn(f"LDFA rank_pattern keys {missing} match no targeted layer", LDFAWarning, stacklevel=3)
 
         clip = self.rule.error_clip if self.config.error_clip == "auto" else self.config.error_clip
         hooks = {
@@ -249,6 +249,7 @@ class LDFAPlugin:
             warnings.warn(
                 f"LDFA: non-finite feedback statistics in {name!r}; its update was skipped "
                 "(counted in plugin.stats()['skipped_updates'], warned once)",
+                LDFAWarning,
                 stacklevel=4,
             )
             self._warned_nonfinite = True

@@ -1,4 +1,4 @@
-"""Feedback rules: how P and Q start and how they learn (LDFA_SPEC §3).
+"""Feedback rules: how P and Q start and how they learn (docs/METHOD.md §2–3).
 
 A rule says which statistics the backward hook must gather, turns them (or the
 layer's weight) into gradients for P and Q, and the plugin's AdamW applies them.

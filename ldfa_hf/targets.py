@@ -129,10 +129,10 @@ def unmatched_rank_patterns(targets: dict, config: LDFAConfig) -> list:
 
 def existing_hook_owner(model: nn.Module) -> Optional[str]:
     """Name of a module already carrying an LDFA hook, if any."""
-    from .feedback import FeedbackHook
+    from .feedback import registered_hook
 
     for name, module in model.named_modules():
         for hook in list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values()):
-            if isinstance(getattr(hook, "__self__", None), FeedbackHook):
+            if registered_hook(hook) is not None:
                 return name or "<root>"
     return None

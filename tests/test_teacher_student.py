@@ -1,4 +1,4 @@
-"""LDFA_SPEC §4.5: adaptive feedback at r ≥ d matches backprop, fixed r = d and any r < d do not."""
+"""docs/METHOD.md §4, invariant 5: adaptive feedback at r ≥ d matches backprop, fixed r = d and any r < d do not."""
 
 import os
 

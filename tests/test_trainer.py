@@ -45,7 +45,8 @@ def make_trainer(tmp_path, plugin, model, **kwargs):
     recorder = Recorder()
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True,
                              logging_steps=1, save_strategy="no", disable_tqdm=True, **kwargs)
-    trainer = Trainer(model=model, args=args, train_dataset=ToyData(), callbacks=[recorder, LDFACallback(plugin)])
+    trainer = Trainer(model=model, args=args, train_dataset=ToyData(), callbacks=[recorder])
+    LDFACallback(plugin).install(trainer)
     return trainer, recorder
 
 
@@ -91,6 +92,64 @@ def test_ldfa_scalars_reach_callbacks_that_come_first(tmp_path):
     assert "ldfa/feedback_error" in trainer.state.log_history[0]
 
 
+def test_install_puts_the_callback_ahead_of_reporters_and_is_idempotent(tmp_path):
+    from transformers.trainer_callback import DefaultFlowCallback
+
+    torch.manual_seed(0)
+    model = tiny_bert()
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rank=2))
+    recorder = Recorder()
+    callback = LDFACallback(plugin)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ToyData(), callbacks=[recorder, callback])
+    callbacks = trainer.callback_handler.callbacks
+    assert callbacks.index(recorder) < callbacks.index(callback)
+    callback.install(trainer)
+    callback.install(trainer)
+    callbacks = trainer.callback_handler.callbacks
+    assert isinstance(callbacks[0], DefaultFlowCallback) and callbacks[1] is callback
+    assert callbacks.count(callback) == 1 and recorder in callbacks
+
+
+def _tensorboard_tags(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for root, _, files in os.walk(folder):
+        if any(f.startswith("events.out") for f in files):
+            accumulator = EventAccumulator(root)
+            accumulator.Reload()
+            tags |= set(accumulator.Tags().get("scalars", []))
+    return tags
+
+
+def test_installed_callback_scalars_reach_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    torch.manual_seed(0)
+    model = tiny_bert()
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rank=2))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=["tensorboard"], use_cpu=True, max_steps=2,
+                             logging_steps=1, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ToyData())
+    LDFACallback(plugin).install(trainer)
+    trainer.train()
+    tags = _tensorboard_tags(tmp_path)
+    assert "train/loss" in tags
+    assert {"train/ldfa/feedback_error", "train/ldfa/skipped_updates"} <= tags, tags
+
+
+def test_passing_the_callback_with_reporters_warns_how_to_reach_them(tmp_path):
+    pytest.importorskip("tensorboard")
+    torch.manual_seed(0)
+    model = tiny_bert()
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rank=2))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=["tensorboard"], use_cpu=True, max_steps=1,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ToyData(), callbacks=[LDFACallback(plugin)])
+    with pytest.warns(ldfa_hf.LDFAWarning, match="install"):
+        trainer.train()
+
+
 def test_probe_batch_adds_the_angle(tmp_path):
     torch.manual_seed(0)
     model = tiny_bert()
@@ -100,8 +159,9 @@ def test_probe_batch_adds_the_angle(tmp_path):
     recorder = Recorder()
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True,
                              logging_steps=1, save_strategy="no", max_steps=1, disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=data,
-            callbacks=[recorder, LDFACallback(plugin, probe_batch=probe)]).train()
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[recorder])
+    LDFACallback(plugin, probe_batch=probe).install(trainer)
+    trainer.train()
     angles = [log["ldfa/angle"] for log in recorder.logs if "ldfa/angle" in log]
     assert angles and 0 < angles[0] < 90
 
