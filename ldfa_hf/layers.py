@@ -155,8 +155,24 @@ class Conv2dKind:
         return g.numel() // g.shape[1]
 
 
+def packed_weight_reason(module: nn.Module) -> Optional[str]:
+    """Why a linear layer's weight is not a plain ``(out, in)`` float matrix (quantized or packed
+    storage, e.g. bitsandbytes 4-bit), or ``None``; such layers are left exact."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        return "it has no weight tensor"
+    if not weight.is_floating_point():
+        return f"its weight is stored as {weight.dtype}"
+    if isinstance(module, nn.Linear) and tuple(weight.shape) != (module.out_features, module.in_features):
+        return f"its weight has shape {tuple(weight.shape)}, not (out, in) = {(module.out_features, module.in_features)}"
+    return None
+
+
 def kind_of(module: nn.Module):
-    """The layer kind LDFA can target, or ``None`` (embeddings, norms, grouped convs, ...)."""
+    """The layer kind LDFA can target, or ``None`` (embeddings, norms, grouped convs, packed weights, ...)."""
+    if isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D)):
+        if packed_weight_reason(module) is not None:
+            return None
     if isinstance(module, nn.Linear):
         return LinearKind
     if Conv1D is not None and isinstance(module, Conv1D):

@@ -7,12 +7,15 @@ raises one error naming what was looked for and what the model has.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import NamedTuple, Optional, Union
 
 from torch import nn
 
-from .config import LDFAConfig
-from .layers import Conv2dKind, kind_of
+from .config import LDFAConfig, LDFAWarning
+from .layers import Conv1D, Conv2dKind, kind_of, packed_weight_reason
+
+_CONV1D = (Conv1D,) if Conv1D is not None else ()
 
 
 class Target(NamedTuple):
@@ -75,17 +78,23 @@ def rank_for(name: str, shape: tuple, config: LDFAConfig) -> int:
 def find_targets(model: nn.Module, config: LDFAConfig) -> dict[str, tuple[nn.Module, object, Target]]:
     """Map module name → (module, layer kind, Target) for every layer LDFA will hook."""
     adapters = _adapter_names(model)
-    supported, unsupported_hits = {}, []
+    supported, unsupported_hits, packed = {}, [], []
     for name, module in model.named_modules():
         if name in adapters:
             continue
         kind = kind_of(module)
+        reason = packed_weight_reason(module) if isinstance(module, (nn.Linear, *_CONV1D)) else None
+        if reason is not None and not _matches(name, config.exclude_modules):
+            packed.append(f"{name} ({type(module).__name__}: {reason})")
         if kind is None:
             if name and config.target_modules != "all-linear" and _matches(name, config.target_modules):
                 unsupported_hits.append(f"{name} ({type(module).__name__})")
             continue
         supported[name] = (module, kind)
 
+    if packed:
+        warnings.warn(f"LDFA leaves {len(packed)} linear layer(s) with packed or quantized weights exact: "
+                      + "; ".join(packed[:4]) + (" ..." if len(packed) > 4 else ""), LDFAWarning, stacklevel=4)
     if not supported:
         raise ValueError(
             f"{type(model).__name__} has no layer LDFA can target "

@@ -82,3 +82,31 @@ def test_plain_sequential_and_kwarg_inputs():
     (gx,) = torch.autograd.grad(model[0](input=x).sum(), x)
     hook = plugin._hooks["0"]
     assert torch.allclose(gx, torch.ones(2, 5) @ hook.P @ hook.Q, atol=1e-6)
+
+
+class Packed4bit(torch.nn.Linear):
+    """Stands in for a quantized layer (e.g. bitsandbytes 4-bit): two weights per byte, flattened."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__(n_in, n_out)
+        packed = torch.randint(0, 255, (n_in * n_out // 2, 1), dtype=torch.uint8)
+        self.weight = torch.nn.Parameter(packed, requires_grad=False)
+
+    def forward(self, x):
+        return x @ torch.ones(self.in_features, self.out_features)
+
+
+def test_packed_linear_subclasses_are_left_exact_with_a_warning_naming_them():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), Packed4bit(8, 8), torch.nn.Linear(8, 4))
+    with pytest.warns(ldfa_hf.LDFAWarning, match=r"1 linear layer.*1 \(Packed4bit: its weight is stored as torch.uint8"):
+        plugin = ldfa_hf.wrap(model, LDFAConfig(rank=2))
+    assert list(plugin.targets) == ["0", "2"]
+    model(torch.randn(3, 8, requires_grad=True)).sum().backward()
+    plugin.step()
+
+
+def test_only_packed_layers_is_a_clear_error_and_touches_nothing():
+    model = torch.nn.Sequential(Packed4bit(8, 8))
+    with pytest.warns(ldfa_hf.LDFAWarning), pytest.raises(ValueError, match="no layer LDFA can target"):
+        ldfa_hf.wrap(model, LDFAConfig(rank=2))
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
