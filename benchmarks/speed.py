@@ -240,7 +240,7 @@ def sweep(args) -> list[dict]:
                 ldfa = Runner(case, "ldfa", cell["rank"], args.tiny, args.device, width)
                 times = timed_rounds({"backprop": backprop, "ldfa": ldfa}, args.reps, args.warmup)
                 cost = ldfa.plugin.cost()
-                tokens = max(h.last_samples for h in ldfa.plugin._hooks.values())
+                tokens = max(v.forward_samples for v in ldfa.plugin.layers.values())
                 mem_ldfa = peak_memory(ldfa)
                 del ldfa
                 row = dict(cell, tokens=tokens,

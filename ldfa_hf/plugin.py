@@ -28,17 +28,19 @@ _SKIPPED_KEY = "__ldfa__.skipped"
 
 
 class LayerView(NamedTuple):
-    """One targeted layer as seen from outside: P and Q are detached views (do not write to them)."""
+    """One targeted layer as seen from outside the plugin (tensors are detached: read, don't write)."""
 
     name: str
     kind: str
-    shape: tuple
+    shape: tuple            # W as (m, n)
     rank: int
     module: nn.Module
-    P: Optional[Tensor]
-    Q: Optional[Tensor]
-    skipped: int
-    samples: int  # samples in the layer's last training forward
+    P: Optional[Tensor]     # m × r (dfa: its fixed random matrix, once made)
+    Q: Optional[Tensor]     # r × n
+    skipped: int            # updates skipped for non-finite statistics
+    forward_samples: int    # samples in the layer's last training forward
+    statistics: Mapping[str, Tensor]  # what the backward gathered since the last step()
+    pending_samples: float  # samples behind ``statistics``
 
 
 class LDFAPlugin:
@@ -322,7 +324,8 @@ class LDFAPlugin:
             name: LayerView(name, target.kind, target.shape, target.rank, hook.module,
                             None if hook.P is None else hook.P.detach(),
                             None if hook.Q is None else hook.Q.detach(),
-                            self._skipped[name], hook.last_samples)
+                            self._skipped[name], hook.last_samples,
+                            MappingProxyType({k: v.detach() for k, v in hook.stats.items()}), hook.samples)
             for (name, hook), target in zip(self._hooks.items(), self._targets.values())
         })
 

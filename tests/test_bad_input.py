@@ -123,13 +123,13 @@ def test_non_finite_statistics_never_reach_the_factors(rule):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
     plugin = ldfa_hf.wrap(model, LDFAConfig(rule=rule, rank=2))
-    factors = {n: (h.P.clone(), h.Q.clone()) for n, h in plugin._hooks.items()}
+    factors = {n: (h.P.clone(), h.Q.clone()) for n, h in plugin.layers.items()}
     x = torch.randn(5, 4, requires_grad=True)
     out = model(x)
     (out * torch.tensor([float("inf"), 1.0, 1.0])).sum().backward()
     with pytest.warns(UserWarning, match="non-finite feedback statistics in '0'"):
         plugin.step()
-    for name, hook in plugin._hooks.items():
+    for name, hook in plugin.layers.items():
         assert torch.equal(hook.P, factors[name][0]) and torch.equal(hook.Q, factors[name][1])
     assert plugin.stats()["skipped_updates"] == 2
     assert plugin.stats()["layers"]["1"]["skipped"] == 1

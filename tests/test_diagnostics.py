@@ -71,7 +71,7 @@ def test_probed_angles_zero_for_bp_and_positive_for_fixed_low_rank():
     stats = plugin.stats(batch)
     assert stats["mean_angle"] > 10
     assert all(p.grad is None for p in model.parameters())  # probing leaves .grad alone
-    assert all(h.samples == 0 for h in plugin._hooks.values())
+    assert all(h.pending_samples == 0 for h in plugin.layers.values())
 
 
 def test_probe_keeps_buffers_and_uses_the_same_dropout_mask():

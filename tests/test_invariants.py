@@ -138,8 +138,7 @@ def test_invariant4_oja_reaches_top_r_error_subspace():
     mix = basis * spectrum.sqrt()
     layer = nn.Linear(n, m)
     plugin = ldfa_hf.wrap(layer, LDFAConfig(rule="oja", rank=r, feedback_lr=0.01, error_clip=None))
-    P = plugin._hooks[""].P
-    start = _principal_angle(P, basis[:, :r])
+    start = _principal_angle(plugin.layers[""].P, basis[:, :r])
     gen = torch.Generator().manual_seed(1)
     for _ in range(600):
         x = torch.randn(64, n, generator=gen, requires_grad=True)
@@ -147,5 +146,5 @@ def test_invariant4_oja_reaches_top_r_error_subspace():
         (layer(x) * delta).sum().backward()
         layer.zero_grad()
         plugin.step()
-    end = _principal_angle(P, basis[:, :r])
+    end = _principal_angle(plugin.layers[""].P, basis[:, :r])
     assert start > 30 and end < 8, (start, end)

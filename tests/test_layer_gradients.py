@@ -27,7 +27,7 @@ def run(module, x, seed=1):
 
 
 def feedback_matrix(plugin):
-    ((name, hook),) = plugin._hooks.items()
+    ((name, hook),) = plugin.layers.items()
     return hook.P @ hook.Q
 
 
@@ -165,7 +165,7 @@ def test_dfa_sends_the_output_error_straight_to_every_layer():
     grads = torch.autograd.grad(((out - target) ** 2).sum(), [inputs[0], inputs[2], inputs[4]])
     e = seen["e"]
     for i, g in zip((0, 2, 4), grads):
-        B = plugin._hooks[str(i)].P
+        B = plugin.layers[str(i)].P
         assert B.shape == (3, model[i].in_features)
         assert rel_err(g, e @ B) <= 1e-6, i
 
@@ -178,7 +178,7 @@ def test_dfa_maps_a_pooled_error_onto_a_whole_image():
     out = model(x)
     e = torch.randn_like(out)
     (gx,) = torch.autograd.grad(out, x, e)
-    B = plugin._hooks["0"].P
+    B = plugin.layers["0"].P
     assert B.shape == (3, 2 * 5 * 5) and rel_err(gx, (e @ B).reshape(x.shape)) <= 1e-6
     state = plugin.state_dict()  # B is re-made from the seed, so it is not stored
     assert not any(k.endswith(".P") for k in state)

@@ -57,7 +57,7 @@ def test_rank_is_capped_and_pattern_overrides():
     model = nn.Sequential(nn.Linear(10, 3), nn.Linear(3, 50), nn.Linear(50, 40))
     plugin = ldfa_hf.wrap(model, LDFAConfig(rank=8, rank_pattern={"2": 30}))
     assert [t.rank for t in plugin.targets.values()] == [3, 3, 30]
-    assert plugin._hooks["2"].P.shape == (40, 30) and plugin._hooks["2"].Q.shape == (30, 50)
+    assert plugin.layers["2"].P.shape == (40, 30) and plugin.layers["2"].Q.shape == (30, 50)
 
 
 def test_unmatched_rank_pattern_warns():
@@ -69,10 +69,10 @@ def test_fa_is_full_rank_and_fixed_is_not_updated():
     model = nn.Sequential(nn.Linear(10, 6), nn.Linear(6, 4))
     plugin = ldfa_hf.wrap(model, LDFAConfig(rule="fa", rank=2))
     assert [t.rank for t in plugin.targets.values()] == [6, 4]
-    before = [h.P.clone() for h in plugin._hooks.values()]
+    before = [h.P.clone() for h in plugin.layers.values()]
     model(torch.randn(3, 10, requires_grad=True)).sum().backward()
     plugin.step()
-    assert all(torch.equal(b, h.P) for b, h in zip(before, plugin._hooks.values()))
+    assert all(torch.equal(b, h.P) for b, h in zip(before, plugin.layers.values()))
 
 
 def test_plain_sequential_and_kwarg_inputs():
@@ -80,7 +80,7 @@ def test_plain_sequential_and_kwarg_inputs():
     plugin = ldfa_hf.wrap(model, LDFAConfig(rank=2))
     x = torch.randn(2, 4, requires_grad=True)
     (gx,) = torch.autograd.grad(model[0](input=x).sum(), x)
-    hook = plugin._hooks["0"]
+    hook = plugin.layers["0"]
     assert torch.allclose(gx, torch.ones(2, 5) @ hook.P @ hook.Q, atol=1e-6)
 
 
@@ -110,3 +110,20 @@ def test_only_packed_layers_is_a_clear_error_and_touches_nothing():
     with pytest.warns(ldfa_hf.LDFAWarning), pytest.raises(ValueError, match="no layer LDFA can target"):
         ldfa_hf.wrap(model, LDFAConfig(rank=2))
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
+
+
+def test_layers_is_a_read_only_view_of_each_targeted_layer():
+    model = nn.Sequential(nn.Linear(10, 6), nn.ReLU(), nn.Linear(6, 4))
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="local", rank=2))
+    layers = plugin.layers
+    assert list(layers) == list(plugin.targets) == ["0", "2"]
+    view = layers["2"]
+    assert (view.kind, view.shape, view.rank, view.module) == ("linear", (4, 6), 2, model[2])
+    assert view.P.shape == (4, 2) and view.Q.shape == (2, 6) and not view.P.requires_grad
+    with pytest.raises(TypeError):
+        layers["2"] = view
+    model(torch.randn(3, 10, requires_grad=True)).sum().backward()
+    view = plugin.layers["2"]
+    assert view.forward_samples == 3 and view.pending_samples == 3 and set(view.statistics) == {"delta_xq", "z_x"}
+    plugin.step()
+    assert plugin.layers["2"].pending_samples == 0 and not plugin.layers["2"].statistics

@@ -58,7 +58,7 @@ def test_factors_updated_once_per_optimizer_step_under_accumulation(tmp_path):
     original = plugin.step
 
     def spy():
-        samples.append(plugin._hooks["bert.encoder.layer.0.attention.self.query"].samples)
+        samples.append(plugin.layers["bert.encoder.layer.0.attention.self.query"].pending_samples)
         original()
 
     plugin.step = spy
@@ -72,11 +72,11 @@ def test_skipped_optimizer_step_does_not_update_factors():
     layer = torch.nn.Linear(4, 3)
     plugin = ldfa_hf.wrap(layer, LDFAConfig(rule="local", rank=2))
     layer(torch.randn(2, 4, requires_grad=True)).sum().backward()
-    before = plugin._hooks[""].P.clone()
+    before = plugin.layers[""].P.clone()
     callback = LDFACallback(plugin)
     callback.on_optimizer_step(None, None, None, optimizer=SimpleNamespace(step_was_skipped=True))
-    assert plugin.num_steps == 0 and torch.equal(before, plugin._hooks[""].P)
-    assert plugin._hooks[""].samples == 0  # the overflowed statistics are dropped
+    assert plugin.num_steps == 0 and torch.equal(before, plugin.layers[""].P)
+    assert plugin.layers[""].pending_samples == 0  # the overflowed statistics are dropped
     callback.on_optimizer_step(None, None, None, optimizer=SimpleNamespace(step_was_skipped=False))
     assert plugin.num_steps == 1
 
