@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 import ldfa_hf
+from ldfa_hf.rules import RULES
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-LABELS = {"bp": "backprop", "svd": "LDFA svd", "local": "LDFA local", "oja": "LDFA oja",
-          "calibrated": "LDFA calibrated", "fixed": "fixed low-rank", "fa": "FA", "dfa": "DFA"}
+# "bp" here is the model as it is (plain autograd); every other name is an LDFAConfig.rule
+LABELS = {"bp": "backprop", **{name: rule.label for name, rule in RULES.items() if name != "bp"}}
 METHODS = tuple(LABELS)
 
 

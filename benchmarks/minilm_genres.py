@@ -34,22 +34,38 @@ from .harness import RESULTS, ResultTable, attach, plot_curves, select
 FIELDS = ["mode", "method", "rank", "variant", "seed", "train_examples", "test_accuracy", "backward_saved", "step_ms",
           "loss_curve", "seconds"]
 KEY = ["mode", "method", "rank", "variant", "seed", "train_examples"]
-# LDFAConfig settings of each named variant ("" = the library defaults); the research table of issue 8
-VARIANTS = {
-    "": {},
-    "every4": {"calibrate_every": 4},
-    "every16": {"calibrate_every": 16},
-    "every32": {"calibrate_every": 32},
-    "exact-head": {"exclude_modules": r".*(pooler|classifier).*"},           # no residual path around them
-    "mlp-only": {"target_modules": r".*layer\.\d+\.(intermediate|output)\.dense(\.base_layer)?"},
-    "rrr": {}, "warmup": {}, "rrr-warmup": {},
-}
-# research switches of the calibrated rule (attributes of ``plugin.rule``, see ldfa_hf.rules.Calibrated)
-RULE_SWITCHES = {"rrr": {"subspace": "input"}, "warmup": {"warmup": True},
-                 "rrr-warmup": {"subspace": "input", "warmup": True}}
-LR = {"full": 1e-4, "lora": 1e-3}
-TASKS = {"genres": "Shakespeare genres", "pydoc": "Python-doc sections"}
-LOG_EVERY = 5  # optimizer steps between logged training losses
+# A variant is a space-separated list of changes from the library defaults ("" = the defaults):
+#   everyK      calibrate_every=K
+#   errors      calibrated rule aims P at the output-error subspace, Q = PᵀW (rule.subspace = "output")
+#   warmup      also calibrate on steps 1, 2, 4, ... below calibrate_every (rule.warmup = True)
+#   exact-head  pooler and classifier keep exact backprop (no residual path around them)
+#   mlp-only    LDFA on the MLP blocks only, attention exact
+TARGETS = {"exact-head": {"exclude_modules": r".*(pooler|classifier).*"},
+           "mlp-only": {"target_modules": r".*layer\.\d+\.(intermediate|output)\.dense(\.base_layer)?"}}
+SWITCHES = {"errors": {"subspace": "output"}, "warmup": {"warmup": True}}
+
+
+def variant_settings(variant: str) -> tuple[dict, dict]:
+    """(LDFAConfig keyword arguments, rule attributes) of a variant string."""
+    config, switches = {}, {}
+    for word in variant.split():
+        if word.startswith("every"):
+            config["calibrate_every"] = int(word[5:])
+        elif word in TARGETS:
+            config.update(TARGETS[word])
+        elif word in SWITCHES:
+            switches.update(SWITCHES[word])
+        else:
+            raise ValueError(f"unknown variant word {word!r} in {variant!r}")
+    return config, switches
+
+
+def attach_variant(model, method: str, rank: int, seed: int, variant: str, refresh_every):
+    config, switches = variant_settings(variant)
+    plugin = attach(model, method, rank, seed, refresh_every=refresh_every, **config)
+    for key, value in switches.items():
+        setattr(plugin.rule, key, value)
+    return plugin
 
 
 class StepTimer(TrainerCallback):
@@ -83,9 +99,7 @@ def fine_tune(mode: str, method: str, rank: int, variant: str, seed: int, data, 
     set_seed(seed)
     model = model_for(mode, tiny, num_labels(data))
     steps = int(epochs * len(data["train"]) // batch_size)
-    plugin = attach(model, method, rank, seed, refresh_every=max(1, steps // 4), **VARIANTS[variant])
-    for key, value in RULE_SWITCHES.get(variant, {}).items():
-        setattr(plugin.rule, key, value)
+    plugin = attach_variant(model, method, rank, seed, variant, refresh_every=max(1, steps // 4))
     timer = StepTimer()
     callbacks = [timer] + ([ldfa_hf.LDFACallback(plugin)] if plugin is not None else [])
     with tempfile.TemporaryDirectory() as out:
@@ -112,9 +126,7 @@ def backward_saving(mode: str, method: str, rank: int, variant: str, data, batch
     if method == "bp":
         return 0.0
     model = model_for(mode, tiny, num_labels(data))
-    plugin = attach(model, method, rank, 0, refresh_every=None, **VARIANTS[variant])
-    for key, value in RULE_SWITCHES.get(variant, {}).items():
-        setattr(plugin.rule, key, value)
+    plugin = attach_variant(model, method, rank, 0, variant, refresh_every=None)
     batch = {k: torch.tensor(v) for k, v in data["train"][:batch_size].items() if k in ("input_ids", "attention_mask", "label")}
     batch["labels"] = batch.pop("label")
     model(**batch).loss.backward()
@@ -152,14 +164,18 @@ def tokenized(task: str, train_examples: int, test_examples: int, chunk_chars: i
 
 def cells(modes: list[str], rank: int, seeds: int) -> list[tuple[str, str, int, str, int]]:
     """(mode, method, rank, variant, seeds): bp, svd and calibrated (r = 32, defaults) over ``seeds`` in every
-    mode; the calibrated research variants (rank, calibration interval, where LDFA applies) once."""
+    mode; the calibrated research variants once (the Pareto table of RESULTS.md)."""
     out = []
     for mode in modes:
         out += [(mode, "bp", 0, "", seeds), (mode, "svd", rank, "", seeds), (mode, "calibrated", 32, "", seeds)]
-        out += [(mode, "calibrated", 32, v, 1) for v in ("every4", "every16", "every32", "exact-head", "rrr", "warmup")]
+        out += [(mode, "calibrated", 32, v, 1) for v in ("every8", "every16", "warmup", "exact-head")]
         out += [(mode, "calibrated", r, "", 1) for r in (8, 64)]
+        out += [(mode, "calibrated", 32, "errors " + v, 1) for v in ("every4", "every8", "every16", "every32")]
+        out += [(mode, "calibrated", 32, "errors every8 " + v, 1) for v in ("warmup", "exact-head")]
+        out += [(mode, "calibrated", r, "errors every8", 1) for r in (8, 64)]
     if "full" in modes:
-        out += [("full", "oja", rank, "", 1), ("full", "svd", 8 * rank, "", 1), ("full", "calibrated", 32, "mlp-only", 1)]
+        out += [("full", "oja", rank, "", 1), ("full", "svd", 8 * rank, "", 1),
+                ("full", "calibrated", 32, "mlp-only", 1), ("full", "calibrated", 32, "errors every8 mlp-only", 1)]
     return out
 
 

@@ -13,15 +13,18 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
+
+from .rules import RULES
 
 CONFIG_NAME = "ldfa_config.json"
+# the names of ``rules.RULES``, for type checkers (a test keeps the two equal)
+RuleName = Literal["svd", "local", "oja", "calibrated", "fixed", "fa", "dfa", "bp"]
 
 
 class LDFAWarning(UserWarning):
     """Everything ``ldfa_hf`` warns about (filter it with ``warnings.simplefilter(..., LDFAWarning)``)."""
 
-RULES = ("svd", "local", "oja", "calibrated", "fixed", "fa", "dfa", "bp")
 
 
 def _is_int(value: Any) -> bool:
@@ -73,7 +76,8 @@ class LDFAConfig:
         refresh_every: ``svd`` rule: re-run the truncated SVD every this many
             steps (``None``: only at initialisation).
         calibrate_every: ``calibrated`` rule: one optimizer step in this many (the first
-            one included) runs exact backprop and re-aims P, Q at the errors it saw.
+            one included) runs exact backprop and re-aims P, Q at the gradients it sent down.
+            4 is the measured default (docs/METHOD.md §3); larger saves more, less accurately.
         feedback_lr / feedback_weight_decay: AdamW settings for the factors;
             ``None`` takes the rule's published default.
         error_clip: clamp the propagated error to ``±error_clip``; ``"auto"``
@@ -88,12 +92,12 @@ class LDFAConfig:
 
     rank: int = 16
     rank_pattern: dict = field(default_factory=dict)
-    rule: str = "svd"
+    rule: RuleName = "svd"
     target_modules: Union[str, list] = "all-linear"
     exclude_modules: Optional[Union[str, list]] = None
     include_conv: bool = True
     refresh_every: Optional[int] = 500
-    calibrate_every: int = 8
+    calibrate_every: int = 4
     feedback_lr: Optional[float] = None
     feedback_weight_decay: Optional[float] = None
     error_clip: Union[float, str, None] = "auto"

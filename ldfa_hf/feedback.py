@@ -177,7 +177,7 @@ class FeedbackHook:
         if calibrate:
             gx = kind.exact(g, module, x_shape) if need_gx else None
             omega = self.sketch_matrix(g.device)
-            self.accumulate(self.rule.calibration_statistics(kind, module, g, omega), kind.samples(g))
+            self.accumulate(self.rule.calibration_statistics(kind, module, g, gx, omega), kind.samples(g))
         elif self.rule.exact:
             gx = kind.exact(g, module, x_shape) if need_gx else None
         elif self.rule.direct:

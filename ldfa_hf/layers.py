@@ -60,6 +60,13 @@ class LinearKind:
         """``x Qᵀ`` per sample, as rows: the input seen through the feedback row space."""
         return cls.rows(x) @ Q.to(x.dtype).T
 
+    @classmethod
+    def input_rows(cls, g: Tensor, gx: Optional[Tensor], module: nn.Module) -> Tensor:
+        """``δ W`` per sample, as rows; reuses the exact input gradient when it was computed."""
+        if gx is not None:
+            return cls.rows(gx)
+        return cls.rows(g) @ cls.matrix(module).detach().to(g.dtype)
+
     @staticmethod
     def samples(g: Tensor) -> int:
         return g.numel() // g.shape[-1]
@@ -149,6 +156,11 @@ class Conv2dKind:
     def x_q(cls, x: Tensor, Q: Tensor, module: nn.Module) -> Tensor:
         out = F.conv2d(x, cls._kernel(Q, module, x.dtype), None, module.stride, conv_padding(module), module.dilation)
         return cls.rows(out)
+
+    @classmethod
+    def input_rows(cls, g: Tensor, gx: Optional[Tensor], module: nn.Module) -> Tensor:
+        """``δ W`` per output position in patch space (C_in·kh·kw), as rows."""
+        return cls.rows(g) @ cls.matrix(module).detach().to(g.dtype)
 
     @staticmethod
     def samples(g: Tensor) -> int:

@@ -84,6 +84,8 @@ class Rule:
     """Base rule: fixed factors, no statistics, no training."""
 
     name = ""
+    label = ""          # how tables and plots name it
+    full_rank = False   # always uses min(m, n), whatever ``rank`` says (fa, dfa, bp)
     exact = False       # backward uses W itself (bp)
     direct = False      # the output error goes straight to every layer (dfa)
     trains = False      # P, Q have an optimizer
@@ -138,6 +140,8 @@ class BP(Rule):
     """Exact backprop through the same hooks (``P Q ≡ W``): the A/B reference."""
 
     name = "bp"
+    label = "backprop (hooks)"
+    full_rank = True
     exact = True
 
 
@@ -145,12 +149,15 @@ class Fixed(Rule):
     """Random low-rank feedback, never updated: the ablation."""
 
     name = "fixed"
+    label = "fixed low-rank"
 
 
 class FA(Fixed):
     """Classic Feedback Alignment: fixed random feedback at full rank."""
 
     name = "fa"
+    label = "FA"
+    full_rank = True
 
 
 class DFA(Rule):
@@ -166,6 +173,8 @@ class DFA(Rule):
     """
 
     name = "dfa"
+    label = "DFA"
+    full_rank = True
     direct = True
 
 
@@ -173,6 +182,7 @@ class SVD(Rule):
     """P Q tracks the best rank-r approximation of W (the paper's v4 default)."""
 
     name = "svd"
+    label = "LDFA svd"
     trains = True
     refreshes = True
     follows_weight = True  # a frozen W (LoRA's base) keeps its truncated SVD from attach: no descent
@@ -222,6 +232,7 @@ class Local(Rule):
     """Synapse-local: descend the task loss as if W were P Q (v4 "bio")."""
 
     name = "local"
+    label = "LDFA local"
     trains = True
     lr = 5e-4
     weight_decay = 0.1
@@ -249,6 +260,7 @@ class Oja(Rule):
     """Oja's subspace rule on the error stream for P, Kolen–Pollack for Q (v1–v3)."""
 
     name = "oja"
+    label = "LDFA oja"
     trains = True
     lr = 1e-3
     weight_decay = 1e-4
@@ -315,22 +327,25 @@ def top_subspace(sketch: Tensor, omega: Tensor, r: int) -> tuple[Tensor, Tensor]
 
 class Calibrated(Rule):
     """Fine-tuning: every ``calibrate_every`` steps one step runs exact backprop, and each layer
-    aims P at the top-r principal subspace of the output errors it received, ``Q = PᵀW``.
+    re-aims its feedback at the gradients it sent down in that step (docs/METHOD.md §3).
 
-    For errors with covariance C the rank-r feedback closest to ``δ W`` is (close to) that
-    choice, whatever W was pretrained for; the ``svd`` rule's top singular directions of W
-    carry the error only when W was trained from scratch. P and Q stay fixed in between.
+    The rank-r feedback closest to backprop on a layer's errors, ``min E‖δW − δPQ‖²``, is the
+    reduced-rank regression ``P = W V``, ``Q = Vᵀ`` with V the top-r eigenvectors of the
+    covariance of the exact input gradients ``δW``; it does not depend on what W was
+    pretrained for (the ``svd`` rule's top singular directions of W carry the error only when
+    W was trained from scratch). P and Q stay fixed in between.
 
-    Two research switches (attributes, not config): ``subspace = "input"`` takes the
-    reduced-rank-regression optimum instead (V = top eigenvectors of the covariance of the
-    exact input gradients ``δW``; ``P = W V``, ``Q = Vᵀ``), and ``warmup = True`` also
-    calibrates on steps 1, 2, 4, … below ``calibrate_every``, while the new head moves fastest.
+    Research switches (attributes, not config; measured in benchmarks/results/RESULTS.md):
+    ``subspace = "output"`` aims P at the top-r subspace of the output errors instead, with
+    ``Q = PᵀW`` (close to the optimum, equal to it when the errors have rank ≤ r), and
+    ``warmup = True`` also calibrates on steps 1, 2, 4, … below ``calibrate_every``.
     """
 
     name = "calibrated"
+    label = "LDFA calibrated"
     calibrates = True
     oversample = 8
-    subspace = "output"
+    subspace = "input"
     warmup = False
 
     def init(self, W, r, generator):
@@ -373,10 +388,10 @@ class Calibrated(Rule):
         dim = self.sketch_dim(m, n)
         return {"sketch": (dim, self.sketch_size(dim, r))}
 
-    def calibration_statistics(self, kind, module, g: Tensor, omega: Tensor) -> dict:
-        d = kind.rows(g).float()
-        if self.subspace == "input":  # δW per sample (for a conv, per output position)
-            d = d @ kind.matrix(module).detach().float()
+    def calibration_statistics(self, kind, module, g: Tensor, gx: Optional[Tensor], omega: Tensor) -> dict:
+        """The sketch ``Σ dᵀ(d Ω)`` of this micro-batch, d = δW per sample (or δ for ``"output"``)."""
+        d = kind.input_rows(g, gx, module) if self.subspace == "input" else kind.rows(g)
+        d = d.float()
         return {"sketch": d.T @ (d @ omega)}
 
     def calibrate(self, hook, omega: Tensor) -> Optional[tuple[Tensor, Tensor]]:

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional, Union
 from torch import nn
 
 from .config import LDFAConfig, LDFAWarning
+from .rules import RULES
 from .layers import Conv1D, Conv2dKind, kind_of, packed_weight_reason
 
 _CONV1D = (Conv1D,) if Conv1D is not None else ()
@@ -62,10 +63,10 @@ def _adapter_names(model: nn.Module) -> set:
 def rank_for(name: str, shape: tuple, config: LDFAConfig) -> int:
     """``min(rank, m, n)``; ``rank_pattern`` overrides by exact name, suffix or regex.
 
-    ``fa`` is full-rank random feedback, so it always uses ``min(m, n)`` (as do ``dfa`` and ``bp``).
+    Full-rank rules (``fa``, ``dfa``, ``bp``) always use ``min(m, n)``.
     """
     m, n = shape
-    if config.rule in ("fa", "dfa", "bp"):
+    if RULES[config.rule].full_rank:
         return min(m, n)
     rank = config.rank
     for key, value in config.rank_pattern.items():

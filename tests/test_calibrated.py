@@ -57,11 +57,13 @@ def _grads(model, x, y, names):
     return dict(zip(names, grads))
 
 
+@pytest.mark.parametrize("subspace", ["input", "output"])
 @pytest.mark.parametrize("rank", [3, 5])
-def test_errors_of_rank_at_most_r_give_backprops_input_gradient_after_calibration(rank):
+def test_errors_of_rank_at_most_r_give_backprops_input_gradient_after_calibration(rank, subspace):
     model = linear_chain()
     reference = clone(model)
     plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=rank, calibrate_every=4))
+    plugin.rule.subspace = subspace
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 12, generator=g), torch.randint(0, 3, (64,), generator=g)
     before = {n: v.P.clone() for n, v in plugin.layers.items()}
@@ -79,10 +81,25 @@ def test_errors_of_rank_at_most_r_give_backprops_input_gradient_after_calibratio
         assert rel_err(got[name], expected[name]) <= 1e-5, name
 
 
-def test_calibration_sets_q_to_p_transpose_w_with_orthonormal_p():
+def test_calibration_sets_p_to_w_v_with_orthonormal_q():
     torch.manual_seed(0)
     model, batch = tiny_bert(), batch_for("bert", size=4)
     plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=4))
+    before = {n: v.Q.clone() for n, v in plugin.layers.items()}
+    model(**batch).loss.backward()
+    plugin.step()
+    for name, view in plugin.layers.items():
+        W = view.module.weight.detach()
+        assert torch.allclose(view.Q @ view.Q.T, torch.eye(view.rank), atol=1e-5), name  # Q = Vᵀ
+        assert torch.allclose(view.P, W @ view.Q.T, atol=1e-5), name                      # P = W V
+    assert sum(not torch.equal(before[n], v.Q) for n, v in plugin.layers.items()) >= len(before) - 1
+
+
+def test_output_subspace_switch_sets_q_to_p_transpose_w_with_orthonormal_p():
+    torch.manual_seed(0)
+    model, batch = tiny_bert(), batch_for("bert", size=4)
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=4))
+    plugin.rule.subspace = "output"
     model(**batch).loss.backward()
     plugin.step()
     for name, view in plugin.layers.items():
@@ -202,7 +219,7 @@ def test_frozen_base_layers_calibrate_and_adapters_stay_trainable():
     view = plugin.layers[frozen]
     assert not view.module.weight.requires_grad
     assert not torch.equal(before, view.P)
-    assert torch.allclose(view.Q, view.P.T @ view.module.weight, atol=1e-5)
+    assert torch.allclose(view.P, view.module.weight @ view.Q.T, atol=1e-5)
     model.zero_grad()
     model(**batch).loss.backward()  # an LDFA step: adapters still receive gradients
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
@@ -269,11 +286,10 @@ def test_param_grads_on_a_calibration_step_equal_backprop():
         assert rel_err(got[key], expected[key]) <= 1e-5, key
 
 
-def test_reduced_rank_regression_variant_is_exact_at_full_rank_and_for_low_rank_errors():
+def test_reduced_rank_regression_is_exact_for_low_rank_errors():
     model = linear_chain()
     reference = clone(model)
     plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=3))
-    plugin.rule.subspace = "input"
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 12, generator=g), torch.randint(0, 3, (64,), generator=g)
     nn.functional.cross_entropy(model(x), y).backward()
@@ -292,3 +308,19 @@ def test_warmup_adds_calibrations_at_powers_of_two_below_the_interval():
     plugin.rule.warmup = True
     warm = [step for step in range(20) if plugin.rule.due(step, 8)]
     assert plain == [0, 8, 16] and warm == [0, 1, 2, 4, 8, 16]
+
+
+def test_reduced_rank_regression_is_exact_at_full_rank_whatever_the_errors():
+    """r = min(m, n) = n: V spans the whole input space, so P Q = W V Vᵀ = W."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 20), nn.Tanh(), nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 3))
+    reference = clone(model)
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=8))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    nn.functional.cross_entropy(model(x), y).backward()
+    plugin.step()
+    x2 = torch.randn(64, 6, generator=g)
+    got, expected = _grads(model, x2, y, ["2", "4"]), _grads(reference, x2, y, ["2", "4"])
+    for name in got:
+        assert rel_err(got[name], expected[name]) <= 1e-5, name

@@ -72,3 +72,15 @@ def test_from_pretrained_names_missing_and_corrupt_files(tmp_path):
     (tmp_path / "ldfa_config.json").write_text('{"rank": -1}')
     with pytest.raises(ValueError, match="ldfa_config.json is invalid: rank must be a positive int"):
         LDFAConfig.from_pretrained(tmp_path)
+
+
+def test_rule_names_have_one_home():
+    from typing import get_args
+
+    from ldfa_hf.config import RuleName
+    from ldfa_hf.rules import RULES
+
+    assert get_args(RuleName) == tuple(RULES)
+    for name, rule in RULES.items():
+        assert rule.name == name and rule.label
+        LDFAConfig(rule=name)
