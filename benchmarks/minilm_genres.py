@@ -38,6 +38,7 @@ KEY = ["mode", "method", "rank", "variant", "seed", "train_examples"]
 #   everyK      calibrate_every=K
 #   errors      calibrated rule aims P at the output-error subspace, Q = PᵀW (rule.subspace = "output")
 #   warmup      also calibrate on steps 1, 2, 4, ... below calibrate_every (rule.warmup = True)
+#   memoryB     fit each calibration to a running sum of sketches, decay B (rule.memory = B, e.g. memory0.5)
 #   exact-head  pooler and classifier keep exact backprop (no residual path around them)
 #   mlp-only    LDFA on the MLP blocks only, attention exact
 TARGETS = {"exact-head": {"exclude_modules": r".*(pooler|classifier).*"},
@@ -51,6 +52,8 @@ def variant_settings(variant: str) -> tuple[dict, dict]:
     for word in variant.split():
         if word.startswith("every"):
             config["calibrate_every"] = int(word[5:])
+        elif word.startswith("memory"):
+            switches["memory"] = float(word[6:])
         elif word in TARGETS:
             config.update(TARGETS[word])
         elif word in SWITCHES:
@@ -168,7 +171,8 @@ def cells(modes: list[str], rank: int, seeds: int) -> list[tuple[str, str, int, 
     out = []
     for mode in modes:
         out += [(mode, "bp", 0, "", seeds), (mode, "svd", rank, "", seeds), (mode, "calibrated", 32, "", seeds)]
-        out += [(mode, "calibrated", 32, v, 1) for v in ("every8", "every16", "warmup", "exact-head")]
+        out += [(mode, "calibrated", 32, v, 1) for v in ("every8", "every16", "warmup", "exact-head", "memory0.5",
+                                                         "every8 memory0.5")]
         out += [(mode, "calibrated", r, "", 1) for r in (8, 64)]
         out += [(mode, "calibrated", 32, "errors " + v, 1) for v in ("every4", "every8", "every16", "every32")]
         out += [(mode, "calibrated", 32, "errors every8 " + v, 1) for v in ("warmup", "exact-head")]

@@ -110,6 +110,7 @@ class FeedbackHook:
         self.input_needs_grad = True
         self.probe_input: Optional[Tensor] = None
         self._omega: Optional[tuple[int, Tensor]] = None  # (step, Ω) of the calibration sketch
+        self.memory: Optional[Tensor] = None  # calibrated rule with memory: the running sketch
         self._x: Optional[Tensor] = None
         self._module = module
         self._handles = []
@@ -207,7 +208,7 @@ class FeedbackHook:
 
     def sketch_matrix(self, device: torch.device) -> Tensor:
         """The calibration step's random test matrix Ω, the same for every micro-batch and process."""
-        step = self.switch.step
+        step = self.rule.sketch_step(self.switch.step)
         if self._omega is None or self._omega[0] != step or self._omega[1].device != device:
             dim = self.rule.sketch_dim(self.P.shape[0], self.Q.shape[1])
             omega = self.rule.sketch_matrix(dim, self.rank, factor_generator(self.seed, self.name, step))

@@ -469,6 +469,9 @@ class LDFAPlugin:
             opt_state = self._optimizer.state.get(factor, {}) if self._optimizer is not None else {}
             for name, value in opt_state.items():
                 state[f"{key}.{name}"] = torch.as_tensor(value).detach()
+        for name, hook in self._hooks.items():  # calibrated rule with memory: its running sketch
+            if hook.memory is not None:
+                state[f"{name}.memory"] = hook.memory.detach()
         return state
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
@@ -484,8 +487,9 @@ class LDFAPlugin:
                     f"this model needs {tuple(factor.shape)} (different rank or model?)"
                 )
         optim_keys = {k for k in state if k.rsplit(".", 1)[0] in expected and k not in expected}
+        memory_keys = {f"{name}.memory" for name in self._hooks} & set(state)
         missing = sorted(expected - set(state))
-        unexpected = sorted(set(state) - expected - optim_keys)
+        unexpected = sorted(set(state) - expected - optim_keys - memory_keys)
         if missing or unexpected:
             raise ValueError(
                 f"LDFA state does not match this model's targets: missing {missing[:5]}"
@@ -506,6 +510,9 @@ class LDFAPlugin:
                     self._optimizer.state[factor] = restored
                 else:
                     self._optimizer.state.pop(factor, None)
+        for name, hook in self._hooks.items():
+            memory = state.get(f"{name}.memory")
+            hook.memory = None if memory is None else memory.detach().clone().to(hook.P.device)
         self.reset_statistics()
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:

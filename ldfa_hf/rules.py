@@ -337,8 +337,10 @@ class Calibrated(Rule):
 
     Research switches (attributes, not config; measured in benchmarks/results/RESULTS.md):
     ``subspace = "output"`` aims P at the top-r subspace of the output errors instead, with
-    ``Q = PᵀW`` (close to the optimum, equal to it when the errors have rank ≤ r), and
-    ``warmup = True`` also calibrates on steps 1, 2, 4, … below ``calibrate_every``.
+    ``Q = PᵀW`` (close to the optimum, equal to it when the errors have rank ≤ r);
+    ``warmup = True`` also calibrates on steps 1, 2, 4, … below ``calibrate_every``; and
+    ``memory = β > 0`` fits each calibration to a running sum of the normalised sketches,
+    ``β·old + new`` (one fixed Ω per layer), so that several batches inform the subspace.
     """
 
     name = "calibrated"
@@ -347,6 +349,7 @@ class Calibrated(Rule):
     oversample = 8
     subspace = "input"
     warmup = False
+    memory = 0.0
 
     def init(self, W, r, generator):
         U, S, Vh = truncated_svd(W, r, generator)  # orthonormal P, Q = PᵀW until the first calibration
@@ -365,6 +368,10 @@ class Calibrated(Rule):
     def sketch_size(self, dim: int, r: int) -> int:
         """Columns of the random test matrix Ω: 2r + 8 (capped at the dimension, where Ω = I)."""
         return min(dim, 2 * r + self.oversample)
+
+    def sketch_step(self, step: int) -> int:
+        """The step whose seed draws Ω: a fresh Ω every calibration, or one for good with memory."""
+        return 0 if self.memory else step
 
     def sketch_matrix(self, dim: int, r: int, generator: torch.Generator) -> Tensor:
         k = self.sketch_size(dim, r)
@@ -399,6 +406,11 @@ class Calibrated(Rule):
         sketch = hook.stats["sketch"]
         if not bool(sketch.any()):
             return None
+        if self.memory:
+            sketch = sketch / sketch.norm()
+            if hook.memory is not None:
+                sketch = sketch + self.memory * hook.memory.to(sketch.device)
+            hook.memory = sketch
         basis, _ = top_subspace(sketch, omega, hook.rank)
         W = hook.weight_matrix().float()
         if self.subspace == "input":

@@ -324,3 +324,31 @@ def test_reduced_rank_regression_is_exact_at_full_rank_whatever_the_errors():
     got, expected = _grads(model, x2, y, ["2", "4"]), _grads(reference, x2, y, ["2", "4"])
     for name in got:
         assert rel_err(got[name], expected[name]) <= 1e-5, name
+
+
+def test_memory_switch_pools_calibrations_and_resumes_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_bert()
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=2, calibrate_every=2))
+    plugin.rule.memory = 0.5
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train(model, plugin, optimizer, steps, start):
+        for i in range(start, start + steps):
+            model(**batch_for("bert", seed=i)).loss.backward()
+            optimizer.step(); optimizer.zero_grad(); plugin.step()
+
+    train(model, plugin, optimizer, 3, 0)
+    name = "bert.encoder.layer.1.output.dense"
+    state = plugin.state_dict()
+    assert f"{name}.memory" in state  # two calibrations pooled so far (steps 0 and 2)
+    other = tiny_bert()
+    other.load_state_dict(model.state_dict())
+    restored = ldfa_hf.LDFAPlugin(plugin.config).attach(other)
+    restored.rule.memory = 0.5
+    restored.load_state_dict(state)
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    train(model, plugin, optimizer, 3, 3)
+    train(other, restored, other_optimizer, 3, 3)
+    for key, value in plugin.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
