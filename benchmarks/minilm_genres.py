@@ -198,6 +198,7 @@ def main(argv=None) -> list[dict]:
                              "Python's documentation (a second task for checking that defaults generalise)")
     parser.add_argument("--out", default=None, help="CSV (default benchmarks/results/minilm_<task>.csv)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these methods (e.g. calibrated)")
+    parser.add_argument("--variants", nargs="+", default=None, help="run only these variants ('' for the defaults)")
     parser.add_argument("--shard", default=None, help="i/n: run every n-th missing cell starting at i")
     parser.add_argument("--recompute-saving", action="store_true",
                         help="recompute the backward_saved column of every row (it depends on the cell, not the seed)")
@@ -212,6 +213,8 @@ def main(argv=None) -> list[dict]:
     plan = cells(args.modes, args.rank, args.seeds)
     if args.only:
         plan = [c for c in plan if c[1] in args.only]
+    if args.variants is not None:
+        plan = [c for c in plan if c[3] in args.variants]
     todo = [{"mode": mode, "method": method, "rank": rank, "variant": variant, "seed": s,
              "train_examples": len(data["train"])}
             for mode, method, rank, variant, seeds in plan for s in range(seeds)]

@@ -77,6 +77,14 @@ class LDFACallback(TrainerCallback):
                 "LDFACallback was passed in callbacks=[...], so it runs after the reporting callbacks "
                 f"({', '.join(reporters)}) and the ldfa/* scalars reach only trainer.state.log_history; "
                 "use LDFACallback(plugin).install(trainer) to report them too", LDFAWarning, stacklevel=2)
+        if self.plugin.steps_per_epoch is None:  # the Trainer's epoch length, for refresh_every="auto"
+            loader = kwargs.get("train_dataloader")
+            try:
+                batches = len(loader)
+            except TypeError:  # an iterable dataset has no length: keep the fallback
+                batches = None
+            if batches:
+                self.plugin.steps_per_epoch = max(1, batches // max(1, args.gradient_accumulation_steps))
         if state.global_step > 0:  # the Trainer restored its state from a checkpoint
             folder = self.resume_from_checkpoint or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             self._restore(folder)

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union, get_args
 from .rules import RULES
 
 CONFIG_NAME = "ldfa_config.json"
+AUTO_REFRESH_FALLBACK = 500  # refresh_every="auto" when the epoch length is unknown
 # the names of ``rules.RULES``, for type checkers (a test keeps the two equal)
 RuleName = Literal["svd", "local", "oja", "calibrated", "fixed", "fa", "dfa", "bp"]
 
@@ -73,8 +74,10 @@ class LDFAConfig:
             a regex matched against the whole module name.
         exclude_modules: same forms as ``target_modules``; matches are left exact.
         include_conv: with ``"all-linear"``, also target ``nn.Conv2d`` with ``groups == 1``.
-        refresh_every: ``svd`` rule: re-run the truncated SVD every this many
-            steps (``None``: only at initialisation).
+        refresh_every: ``svd`` rule: re-run the truncated SVD every this many steps;
+            ``"auto"`` (default) is half an epoch when the epoch length is known (from
+            ``LDFACallback``, or ``plugin.steps_per_epoch = n``), else
+            ``AUTO_REFRESH_FALLBACK`` (500) steps; ``None``: only at initialisation.
         calibrate_every: ``calibrated`` rule: one optimizer step in this many (the first
             one included) runs exact backprop and re-aims P, Q at the gradients it sent down.
             4 is the measured default (docs/METHOD.md §3); larger saves more, less accurately.
@@ -96,7 +99,7 @@ class LDFAConfig:
     target_modules: Union[str, list] = "all-linear"
     exclude_modules: Optional[Union[str, list]] = None
     include_conv: bool = True
-    refresh_every: Optional[int] = 500
+    refresh_every: Union[int, str, None] = "auto"
     calibrate_every: int = 4
     feedback_lr: Optional[float] = None
     feedback_weight_decay: Optional[float] = None
@@ -127,8 +130,8 @@ class LDFAConfig:
         _check_pattern("exclude_modules", self.exclude_modules, allow_none=True)
         if not isinstance(self.include_conv, bool):
             raise ValueError(f"include_conv must be a bool; got {self.include_conv!r}")
-        if self.refresh_every is not None and (not _is_int(self.refresh_every) or self.refresh_every <= 0):
-            raise ValueError(f"refresh_every must be a positive int or None; got {self.refresh_every!r}")
+        if self.refresh_every not in (None, "auto") and (not _is_int(self.refresh_every) or self.refresh_every <= 0):
+            raise ValueError(f"refresh_every must be a positive int, 'auto' or None; got {self.refresh_every!r}")
         if not _is_int(self.calibrate_every) or self.calibrate_every < 1:
             raise ValueError(f"calibrate_every must be an int >= 1 (steps between exact calibration steps); "
                              f"got {self.calibrate_every!r}")

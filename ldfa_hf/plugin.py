@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .config import LDFAConfig, LDFAWarning
+from .config import AUTO_REFRESH_FALLBACK, LDFAConfig, LDFAWarning
 from .feedback import FeedbackHook, Switch
 from .rules import LayerCost, factor_generator, make_rule
 from .targets import Target, existing_hook_owner, find_targets, unmatched_rank_patterns
@@ -67,6 +67,7 @@ class LDFAPlugin:
         self.rule = make_rule(config.rule)
         self.switch = Switch()
         self.num_steps = 0
+        self.steps_per_epoch: Optional[int] = None  # optimizer steps per epoch, if known ("auto" refresh)
         self._hooks: dict[str, FeedbackHook] = {}
         self._targets: dict[str, Target] = {}
         self._skipped: dict[str, int] = {}
@@ -169,11 +170,8 @@ class LDFAPlugin:
         self._sync_once()
         calibrated = self.switch.calibrating
         self.num_steps += 1
-        refresh = (
-            self.rule.refreshes
-            and self.config.refresh_every is not None
-            and self.num_steps % self.config.refresh_every == 0
-        )
+        interval = self.refresh_interval
+        refresh = self.rule.refreshes and interval is not None and self.num_steps % interval == 0
         if calibrated:
             self._calibrate()
         elif self.rule.trains and not refresh:
@@ -305,6 +303,17 @@ class LDFAPlugin:
             yield
         finally:
             self.switch.enabled = previous
+
+    @property
+    def refresh_interval(self) -> Optional[int]:
+        """Steps between SVD refreshes: ``refresh_every``, with ``"auto"`` resolved to half an epoch
+        when ``steps_per_epoch`` is known (the Trainer callback sets it), else 500."""
+        every = self.config.refresh_every
+        if every != "auto":
+            return every
+        if self.steps_per_epoch:
+            return max(1, self.steps_per_epoch // 2)
+        return AUTO_REFRESH_FALLBACK
 
     # -- introspection ---------------------------------------------------------------------------
     @property

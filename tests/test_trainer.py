@@ -224,3 +224,15 @@ def test_resume_with_damaged_ldfa_state_fails_naming_the_file(tmp_path, damage):
     assert result.returncode != 0
     assert str(path) in result.stderr
     assert ("does not exist" in result.stderr) if damage == "missing" else ("is corrupt" in result.stderr)
+
+
+def test_trainer_gives_the_plugin_its_epoch_length_for_auto_refresh(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_bert()
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rank=2))
+    assert plugin.config.refresh_every == "auto" and plugin.refresh_interval == 500  # epoch length unknown
+    trainer, _ = make_trainer(tmp_path, plugin, model, gradient_accumulation_steps=2, max_steps=2)
+    trainer.train()
+    # 24 examples / batch 4 = 6 batches, 2 per optimizer step: 3 steps an epoch, refresh every 1
+    assert plugin.steps_per_epoch == 3 and plugin.refresh_interval == 1
+    assert ldfa_hf.wrap(tiny_bert(), LDFAConfig(rank=2, refresh_every=7)).refresh_interval == 7
