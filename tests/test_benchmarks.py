@@ -6,16 +6,20 @@ import os
 import pytest
 import torch
 
-from benchmarks import demo, speed
+from benchmarks import speed
+from ldfa_hf import demo
 
 
 def test_demo_tiny_prints_table_and_writes_plot(tmp_path, capsys):
-    plot = tmp_path / "demo.png"
-    results = demo.main(["--tiny", "--plot", str(plot)])
+    results = demo.main(["--tiny", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "backprop" in out and "LDFA svd r=10" in out and "speed-up" in out
     assert [r["method"] for r in results] == ["bp", "ldfa"]
-    assert os.path.getsize(plot) > 1000
+    assert os.path.getsize(tmp_path / "ldfa_demo.png") > 1000
+    bp, ldfa = results
+    last = out.strip().splitlines()[-1]
+    assert last == (f"demo: backprop {100 * bp['accuracy']:.1f}% | LDFA {100 * ldfa['accuracy']:.1f}% | "
+                    f"step speed-up {bp['step_s'] / ldfa['step_s']:.2f}x")
 
 
 def test_speed_tiny_reports_ratios_and_memory(tmp_path, capsys):
@@ -157,3 +161,27 @@ def test_speed_lora_llama_tiny():
     assert lora["speedup_ldfa"] > 0
     # LoRA's frozen base has no δᵀx to compute, so LDFA removes a larger share of its backward
     assert lora["estimated_backward_saved"] > pretrain["estimated_backward_saved"] > 0
+
+
+def test_library_imports_nothing_from_benchmarks_or_integrations():
+    import ast
+    import pathlib
+
+    import ldfa_hf
+
+    for path in pathlib.Path(ldfa_hf.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            assert not any(n.split(".")[0] in ("benchmarks", "integrations") for n in names), (path.name, names)
+
+
+def test_bench_outside_a_checkout_says_where_to_run_it(tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", "from ldfa_hf import cli; cli.main(['bench', 'mnist'])"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "source checkout" in result.stderr and "python -m benchmarks.NAME" in result.stderr
