@@ -34,6 +34,9 @@ from .harness import RESULTS, ResultTable, attach, plot_curves, select
 FIELDS = ["mode", "method", "rank", "variant", "seed", "train_examples", "test_accuracy", "backward_saved", "step_ms",
           "loss_curve", "seconds"]
 KEY = ["mode", "method", "rank", "variant", "seed", "train_examples"]
+LR = {"full": 1e-4, "lora": 1e-3}
+LOG_EVERY = 5  # optimizer steps between logged training losses
+TASKS = {"genres": "Shakespeare genres", "pydoc": "Python-doc sections"}
 # A variant is a space-separated list of changes from the library defaults ("" = the defaults):
 #   everyK      calibrate_every=K
 #   errors      calibrated rule aims P at the output-error subspace, Q = PᵀW (rule.subspace = "output")
