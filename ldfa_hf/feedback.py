@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .distributed import sharded_weight_reason
+from .layers import LayerKind
 from .rules import factor_generator
 
 
@@ -99,8 +100,9 @@ def orphans(module: nn.Module) -> int:
 class FeedbackHook:
     """LDFA on one layer: its factors P (m×r) and Q (r×n), and the statistics of the step."""
 
-    def __init__(self, name: str, module: nn.Module, kind, rank: int, rule, switch: Switch,
-                 P: Optional[Tensor], Q: Optional[Tensor], error_clip: Optional[float], seed: int = 0) -> None:
+    def __init__(self, *, name: str, module: nn.Module, kind: "LayerKind", rank: int, rule, switch: Switch,
+                 P: Optional[Tensor] = None, Q: Optional[Tensor] = None, error_clip: Optional[float] = None,
+                 seed: int = 0) -> None:
         self.name, self.kind, self.rank, self.rule, self.switch = name, kind, rank, rule, switch
         self.seed = seed
         self.P, self.Q, self.error_clip = P, Q, error_clip

@@ -8,7 +8,7 @@ channels per position, Q is an ``r × C_in × kh × kw`` kernel).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,42 @@ try:  # GPT-2's transposed linear layer
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
+
+
+class LayerKind(Protocol):
+    """The contract a targeted layer type fulfils, so hooks and rules never branch on layer type."""
+
+    name: str
+
+    def shape(self, module: nn.Module) -> tuple[int, int]:
+        """``(m, n)`` of W as a matrix."""
+
+    def matrix(self, module: nn.Module) -> Tensor:
+        """W as an ``m × n`` matrix (a view where possible)."""
+
+    def down(self, g: Tensor, P: Tensor) -> Tensor:
+        """``z = δ P``: the r-dimensional error."""
+
+    def up(self, z: Tensor, Q: Tensor, module: nn.Module, x_shape: torch.Size) -> Tensor:
+        """``z Q`` shaped like the layer's input."""
+
+    def exact(self, g: Tensor, module: nn.Module, x_shape: torch.Size) -> Tensor:
+        """Backprop's input gradient ``δ W``."""
+
+    def rows(self, t: Tensor) -> Tensor:
+        """Samples × features view of an error, compressed error or input."""
+
+    def input_rows(self, g: Tensor, gx: Optional[Tensor], module: nn.Module) -> Tensor:
+        """``δ W`` per sample as rows (patch space for a convolution)."""
+
+    def z_x(self, z: Tensor, x: Tensor, module: nn.Module, Q: Tensor) -> Tensor:
+        """``Σ zᵀ x``, the r × n correlation the local rules feed to Q."""
+
+    def x_q(self, x: Tensor, Q: Tensor, module: nn.Module) -> Tensor:
+        """``x Qᵀ`` per sample, as rows."""
+
+    def samples(self, g: Tensor) -> int:
+        """Samples in an output-shaped tensor."""
 
 
 class LinearKind:
@@ -180,7 +216,7 @@ def packed_weight_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
-def kind_of(module: nn.Module):
+def kind_of(module: nn.Module) -> Optional[LayerKind]:
     """The layer kind LDFA can target, or ``None`` (embeddings, norms, grouped convs, packed weights, ...)."""
     if isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D)):
         if packed_weight_reason(module) is not None:

@@ -96,8 +96,8 @@ class LDFAPlugin:
 
         clip = self.rule.error_clip if self.config.error_clip == "auto" else self.config.error_clip
         hooks = {
-            name: FeedbackHook(name, module, kind, target.rank, self.rule, self.switch, None, None, clip,
-                               seed=self.config.seed)
+            name: FeedbackHook(name=name, module=module, kind=kind, rank=target.rank, rule=self.rule,
+                               switch=self.switch, error_clip=clip, seed=self.config.seed)
             for name, (module, kind, target) in found.items()
         }
         if self.rule.has_factors:  # initial factors, still before any hook is registered
