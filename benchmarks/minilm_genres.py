@@ -204,7 +204,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--variants", nargs="+", default=None, help="run only these variants ('' for the defaults)")
     parser.add_argument("--shard", default=None, help="i/n: run every n-th missing cell starting at i")
     parser.add_argument("--recompute-saving", action="store_true",
-                        help="recompute the backward_saved column of every row (it depends on the cell, not the seed)")
+                        help="recompute the backward_saved column of every row (it depends on the cell, not the seed); "
+                             "runs no new cell")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join(RESULTS, f"minilm_{args.task}.csv")
@@ -231,6 +232,7 @@ def main(argv=None) -> list[dict]:
                 saved[cell] = backward_saving(*cell, data, args.batch_size, steps, args.tiny)
             row["backward_saved"] = f"{saved[cell]:.4f}"
         table.rewrite()
+        todo = []  # recompute only; run nothing new
     if args.shard is not None:  # i/n: every n-th cell, for running two processes side by side
         i, n = map(int, args.shard.split("/"))
         todo = table.missing(todo)[i::n]
