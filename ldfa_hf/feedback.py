@@ -23,12 +23,11 @@ from .rules import factor_generator
 
 
 class Switch:
-    """Plugin-wide flags every hook reads: LDFA on/off, statistics on/off, probing."""
+    """Plugin-wide flags every hook reads: LDFA on/off, statistics on/off, calibration."""
 
     def __init__(self) -> None:
         self.enabled = True
         self.collecting = True
-        self.probing = False
         self.calibrating = False  # calibrated rule: this step runs exact backprop and sketches errors
         self.step = 0             # the plugin's step counter, for seeding per-step randomness
         self.output_hook: Optional["FeedbackHook"] = None   # dfa: the output layer
@@ -110,7 +109,6 @@ class FeedbackHook:
         self.samples = 0            # samples accumulated into ``stats`` since the last step
         self.last_samples = 0       # samples per forward, for the FLOP estimate
         self.input_needs_grad = True
-        self.probe_input: Optional[Tensor] = None
         self._omega: Optional[tuple[int, Tensor]] = None  # (step, Ω) of the calibration sketch
         self.memory: Optional[Tensor] = None  # calibrated rule with memory: the running sketch
         self._x: Optional[Tensor] = None
@@ -130,13 +128,13 @@ class FeedbackHook:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._x = self.probe_input = self._omega = None
+        self._x = self._omega = None
         self.stats = {}
 
     # -- forward ---------------------------------------------------------------------------
     def pre_forward(self, module, args, kwargs):
         switch = self.switch
-        if not torch.is_grad_enabled() or not (switch.enabled or switch.probing):
+        if not torch.is_grad_enabled() or not switch.enabled:
             return None
         if args:
             x = args[0]
@@ -147,8 +145,6 @@ class FeedbackHook:
         if not isinstance(x, Tensor):
             return None
         self._x = x
-        if not switch.enabled:
-            return None
         if args:
             return (x.detach(),) + tuple(args[1:]), kwargs
         return args, {k: v.detach() for k, v in kwargs.items()}
@@ -157,8 +153,6 @@ class FeedbackHook:
         x, self._x = self._x, None
         if x is None:
             return None
-        if self.switch.probing:
-            self.probe_input = x
         if not self.switch.enabled or not isinstance(output, Tensor):
             return None
         training = self.switch.collecting and module.training

@@ -7,7 +7,6 @@ turns statistics (or W) into gradients for P and Q → AdamW updates them.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import warnings
 from types import MappingProxyType
@@ -16,10 +15,10 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import distributed
+from . import diagnostics, distributed
 from .config import AUTO_REFRESH_FALLBACK, LDFAConfig, LDFAWarning
 from .feedback import FeedbackHook, Switch
-from .rules import LayerCost, factor_generator, make_rule
+from .rules import factor_generator, make_rule
 from .targets import Target, existing_hook_owner, find_targets, unmatched_rank_patterns
 
 STATE_NAME = "ldfa_state.safetensors"
@@ -41,6 +40,8 @@ class LayerView(NamedTuple):
     forward_samples: int    # samples in the layer's last training forward
     statistics: Mapping[str, Tensor]  # what the backward gathered since the last step()
     pending_samples: float  # samples behind ``statistics``
+    input_grad: bool        # whether its input needed a gradient in its last training forward
+    weight: Callable[[], Tensor]  # W as m × n (refuses a weight sharded away outside forward)
 
 
 class LDFAPlugin:
@@ -334,7 +335,8 @@ class LDFAPlugin:
                             None if hook.P is None else hook.P.detach(),
                             None if hook.Q is None else hook.Q.detach(),
                             self._skipped[name], hook.last_samples,
-                            MappingProxyType({k: v.detach() for k, v in hook.stats.items()}), hook.samples)
+                            MappingProxyType({k: v.detach() for k, v in hook.stats.items()}), hook.samples,
+                            hook.input_needs_grad, hook.weight_matrix)
             for (name, hook), target in zip(self._hooks.items(), self._targets.values())
         })
 
@@ -343,53 +345,13 @@ class LDFAPlugin:
         return self._model
 
     def cost(self) -> dict:
-        """Estimated multiply-adds per training step in the targeted layers, backprop vs LDFA.
-
-        Uses the samples each layer saw in its last forward (1 if it has not run yet).
-        Layers whose input needs no gradient (e.g. the first layer) save nothing; frozen
-        weights (LoRA's base) cost no ``δᵀx``, so there backprop's backward is all ``δ W``.
-        The rule's own work (``rule``) and exact calibration steps are averaged per step.
-        """
-        bp_backward = ldfa_backward = forward = rule_cost = 0
-        for name, hook in self._hooks.items():
-            m, n = self._targets[name].shape
-            r, N = hook.rank, max(hook.last_samples, 1)
-            layer = LayerCost(m, n, r, N, hook.weight_trains, hook.input_needs_grad)
-            forward += N * m * n
-            bp_backward += layer.exact_backward
-            backward, work = self.rule.cost(layer, self.config)
-            ldfa_backward += backward
-            rule_cost += work
-        ldfa_total = ldfa_backward
-        return {
-            "forward": forward,
-            "backward_bp": bp_backward,
-            "backward_ldfa": ldfa_total,
-            "rule": rule_cost,
-            "backward_saved": 1 - ldfa_total / bp_backward if bp_backward else 0.0,
-            "step_saved": (bp_backward - ldfa_total) / (forward + bp_backward) if bp_backward else 0.0,
-        }
+        """Estimated multiply-adds per training step in the targeted layers, backprop vs LDFA
+        (``diagnostics.estimate_cost``): forward, backward_bp, backward_ldfa, rule, backward_saved, step_saved."""
+        return diagnostics.estimate_cost(self)
 
     def summary(self, print_fn: Optional[Callable[[str], Any]] = print) -> str:
         """Print (and return) layers, ranks, feedback parameters and the estimated saving."""
-        lines = [f"LDFA rule={self.config.rule!r} rank={self.config.rank} on {len(self._hooks)} layers"
-                 + (f", exact calibration every {self.config.calibrate_every} steps" if self.rule.calibrates else "")]
-        width = max([len(n) for n in self._hooks] + [5])
-        lines.append(f"{'layer':<{width}}  {'kind':<7} {'m x n':>13} {'rank':>5} {'feedback':>10}")
-        feedback_params = 0
-        for name, target in self._targets.items():
-            m, n = target.shape
-            params = target.rank * (m + n) if self.rule.has_factors else 0
-            feedback_params += params
-            lines.append(f"{name:<{width}}  {target.kind:<7} {f'{m} x {n}':>13} {target.rank:>5} {params:>10,}")
-        cost = self.cost()
-        lines.append(f"feedback parameters: {feedback_params:,}")
-        lines.append(
-            f"backward multiply-adds in targeted layers: {cost['backward_bp']:,} (backprop) -> "
-            f"{cost['backward_ldfa']:,} (LDFA, rule included): {100 * cost['backward_saved']:.1f}% saved, "
-            f"{100 * cost['step_saved']:.1f}% of their forward+backward"
-        )
-        text = "\n".join(lines)
+        text = diagnostics.summary_text(self)
         if print_fn is not None:
             print_fn(text)
         return text
@@ -400,73 +362,17 @@ class LDFAPlugin:
         at each layer's input. ``batch`` is passed to the model (``model(**batch)`` for a
         mapping); the loss is ``loss_fn(output)`` or ``output.loss``.
         """
-        layers = {}
-        for name, hook in self._hooks.items():
-            if self.rule.exact:
-                error = 0.0
-            elif not self.rule.has_factors:
-                error = float("nan")  # dfa: no P Q standing in for W
-            else:
-                W = hook.weight_matrix().float()
-                norm = float(W.norm())
-                error = float((hook.P @ hook.Q - W).norm()) / norm if norm > 0 else float("nan")
-            layers[name] = {"feedback_error": error, "skipped": self._skipped[name]}
-        if batch is not None:
-            for name, angle in self._probe(batch, loss_fn).items():
-                layers[name]["angle"] = angle
-        errors = [v["feedback_error"] for v in layers.values() if math.isfinite(v["feedback_error"])]
-        angles = [v["angle"] for v in layers.values() if "angle" in v]
-        result = {
-            "step": self.num_steps,
-            "skipped_updates": sum(self._skipped.values()),
-            "mean_feedback_error": sum(errors) / len(errors) if errors else float("nan"),
-            "layers": layers,
-        }
-        if batch is not None:
-            result["mean_angle"] = sum(angles) / len(angles) if angles else float("nan")
-        return result
+        return diagnostics.layer_stats(self, batch, loss_fn)
 
-    def _probe(self, batch: Any, loss_fn: Optional[Callable]) -> dict[str, float]:
-        """Input gradients under LDFA and under backprop, on the same batch, dropout masks and buffers."""
-        model = self._model
-        if model is None:
-            raise RuntimeError("stats(batch) needs an attached plugin")
-        buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
-        devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
-        grads = {}
-        self.switch.probing, collecting = True, self.switch.collecting
+    @contextlib.contextmanager
+    def statistics_paused(self) -> Iterator[None]:
+        """LDFA feedback as usual, but the backward gathers nothing for the rule (diagnostic passes)."""
+        previous = self.switch.collecting
         self.switch.collecting = False
         try:
-            with torch.random.fork_rng(devices=devices):
-                seed = torch.randint(0, 2**31 - 1, ()).item()
-                for mode in ("ldfa", "bp"):
-                    torch.manual_seed(seed)
-                    for hook in self._hooks.values():
-                        hook.probe_input = None
-                    context = self.disabled() if mode == "bp" else contextlib.nullcontext()
-                    with context, torch.enable_grad():
-                        output = model(**batch) if isinstance(batch, Mapping) else model(batch)
-                        loss = loss_fn(output) if loss_fn is not None else output.loss
-                        names = [n for n, h in self._hooks.items()
-                                 if h.probe_input is not None and h.probe_input.requires_grad]
-                        inputs = [self._hooks[n].probe_input for n in names]
-                        values = torch.autograd.grad(loss, inputs, allow_unused=True) if inputs else []
-                    grads[mode] = dict(zip(names, values))
-                    with torch.no_grad():
-                        for key, buf in model.named_buffers():
-                            buf.copy_(buffers[key])
+            yield
         finally:
-            self.switch.probing, self.switch.collecting = False, collecting
-            for hook in self._hooks.values():
-                hook.probe_input = None
-        angles = {}
-        for name, g in grads["ldfa"].items():
-            ref = grads["bp"].get(name)
-            if g is None or ref is None:
-                continue
-            cos = torch.nn.functional.cosine_similarity(g.flatten().double(), ref.flatten().double(), dim=0)
-            angles[name] = math.degrees(math.acos(max(-1.0, min(1.0, float(cos)))))
-        return angles
+            self.switch.collecting = previous
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
