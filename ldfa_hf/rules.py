@@ -411,8 +411,12 @@ class Calibrated(Rule):
             if hook.memory is not None:
                 sketch = sketch + self.memory * hook.memory.to(sketch.device)
             hook.memory = sketch
-        basis, _ = top_subspace(sketch, omega, hook.rank)
         W = hook.weight_matrix().float()
+        if self.subspace == "input" and hook.rank >= min(W.shape):
+            # every δW lies in W's row space, which V can span whole: exact feedback, P Q = W
+            basis = torch.linalg.qr(W.T).Q if hook.rank < W.shape[1] else torch.eye(W.shape[1], device=W.device)
+            return (W @ basis).contiguous(), basis.T.contiguous()
+        basis, _ = top_subspace(sketch, omega, hook.rank)
         if self.subspace == "input":
             return (W @ basis).contiguous(), basis.T.contiguous()
         return basis.contiguous(), (basis.T @ W).contiguous()

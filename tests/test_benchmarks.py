@@ -88,7 +88,7 @@ def test_mnist_sweep_tiny_resumes_finished_cells(tmp_path, capsys, monkeypatch):
         pytest.skip(str(err))
     out = tmp_path / "mnist.csv"
     rows = mnist.main(["--tiny", "--out", str(out)])
-    assert {r["method"] for r in rows} == {"bp", "fa", "dfa", "svd", "local", "oja", "fixed"}
+    assert {r["method"] for r in rows} == {"bp", "fa", "dfa", "svd", "local", "oja", "calibrated", "fixed"}
     assert os.path.getsize(str(out)[:-4] + ".png") > 1000
     lines = out.read_text().splitlines()
     mnist.main(["--tiny", "--out", str(out)])  # every cell is done: nothing is re-run
@@ -128,7 +128,8 @@ def test_shakespeare_lm_tiny(tmp_path, monkeypatch):
     _needs(data.shakespeare_plays)
     out = tmp_path / "lm.csv"
     rows = shakespeare_lm.main(["--tiny", "--out", str(out)])
-    assert {(r["method"], r["rank"]) for r in rows} == {("bp", "0"), ("svd", "64"), ("svd", "8"), ("fixed", "64"), ("fa", "0")}
+    assert {(r["method"], r["rank"]) for r in rows} == {("bp", "0"), ("svd", "64"), ("svd", "8"), ("calibrated", "64"),
+                                                        ("fixed", "64"), ("fa", "0")}
     for r in rows:  # a perplexity is exp(loss), and every evaluation point is in the curve
         assert abs(float(r["val_perplexity"]) - math.exp(float(r["val_loss"]))) < 1e-2 * float(r["val_perplexity"])
         assert [p.split(":")[0] for p in r["val_curve"].split()] == ["2", "4"]

