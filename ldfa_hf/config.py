@@ -13,7 +13,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Literal, Optional, Union
 
 from .rules import RULES
 
