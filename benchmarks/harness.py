@@ -108,7 +108,16 @@ class ResultTable:
                 self.rewrite()
 
     def rewrite(self) -> None:
-        """Write every row again (after columns were added or a derived column recomputed)."""
+        """Write every row again (after columns were added or a derived column recomputed).
+
+        Rows another process appended since this table was read are kept: a recompute running
+        beside a sweep must not drop the sweep's new cells.
+        """
+        if os.path.exists(self.path):
+            with open(self.path, newline="") as fh:
+                have = {self._key(r) for r in self.rows}
+                self.rows += [{k: r.get(k) or "" for k in self.fields} for r in csv.DictReader(fh)
+                              if self._key(r) not in have]
         with open(self.path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=self.fields)
             writer.writeheader()

@@ -227,3 +227,18 @@ def test_minilm_subspace_tiny(tmp_path, monkeypatch):
     # a batch's own best rank-r subspace keeps more of its gradient than any fitted on other batches
     assert all(kept["regression, own batch"] >= v for v in kept.values())
     assert all(0 < v <= 1 for v in kept.values())
+
+
+def test_result_table_rewrite_keeps_rows_appended_by_another_process(tmp_path):
+    from benchmarks.harness import ResultTable
+
+    path = str(tmp_path / "t.csv")
+    fields, key = ["cell", "value"], ["cell"]
+    first = ResultTable(path, fields, key)
+    first.add({"cell": "a", "value": "1"})
+    other = ResultTable(path, fields, key)   # a second process, reading now
+    first.add({"cell": "b", "value": "2"})    # appended after the other read the file
+    other.rows[0]["value"] = "10"             # the other recomputes a derived column ...
+    other.rewrite()                           # ... and writes back
+    rows = ResultTable(path, fields, key).rows
+    assert {r["cell"]: r["value"] for r in rows} == {"a": "10", "b": "2"}
