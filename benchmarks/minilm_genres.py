@@ -290,27 +290,38 @@ def markdown_table(summary: list[dict]) -> str:
 
 
 def plot_pareto(summary: list[dict], path: str, title: str) -> str:
-    """Accuracy against backward multiply-adds saved: the front a user chooses from, per mode."""
+    """Accuracy against backward multiply-adds saved: the front a user chooses from, per mode.
+    Marker = how the feedback is fitted; each point is labelled with its changes from the defaults."""
     from .harness import _pyplot, save_figure
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    styles = {"regression": ("o", "tab:blue"), "errors": ("^", "tab:orange"), "svd": ("s", "tab:gray"),
+              "oja": ("v", "tab:purple")}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     for ax, mode in zip(axes, ("full", "lora")):
-        lines = [line for line in summary if line["mode"] == mode]
-        for line in lines:
+        seen = set()
+        for line in (line for line in summary if line["mode"] == mode):
             if line["method"] == "bp":
                 ax.axhline(line["accuracy"], color="k", ls="--", lw=1, label="backprop")
                 continue
             if line["saved"] is None:
                 continue
-            marker = {"calibrated": "o", "svd": "s", "oja": "^"}.get(line["method"], "x")
-            ax.plot([line["saved"]], [line["accuracy"]], marker, ms=7 if line["seeds"] > 1 else 5,
-                    label=describe(line["method"], line["rank"], line["variant"]) + f" ({line['seeds']} seed"
-                    + ("s)" if line["seeds"] > 1 else ")"))
+            family = line["method"] if line["method"] != "calibrated" else (
+                "errors" if "errors" in line["variant"].split() else "regression")
+            marker, color = styles.get(family, ("x", "tab:red"))
+            label = {"regression": "calibrated (regression fit)", "errors": "calibrated (error-subspace fit)"}.get(
+                family, f"LDFA {family}")
+            ax.plot([line["saved"]], [line["accuracy"]], marker, color=color, ms=9 if line["seeds"] > 1 else 5,
+                    label=None if label in seen else label)
+            seen.add(label)
+            words = [w for w in line["variant"].split() if w != "errors"]
+            text = " ".join(([f"r={line['rank']}"] if line["rank"] != 32 else []) + words) or "default"
+            ax.annotate(text, (line["saved"], line["accuracy"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
         ax.set_xlabel("backward multiply-adds saved over all linear layers (%)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{title} ({mode})", fontsize=9)
-        ax.legend(fontsize=6)
+        ax.set_title(f"{title} ({mode}; large marker = 3 seeds)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
     return save_figure(fig, path)
 
 
