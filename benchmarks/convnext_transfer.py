@@ -37,9 +37,10 @@ def build(num_labels: int = 5) -> nn.Module:
 
 def digits(split, low: int, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images of digits low … low + 4, labels shifted to 0 … 4."""
-    x, y = split["pixel_values"][:], split["labels"][:]  # Columns to tensors
-    keep = (y >= low) & (y < low + 5)
-    return x[keep][:limit], (y[keep] - low)[:limit]
+    y = torch.as_tensor(split["labels"][:])
+    keep = torch.nonzero((y >= low) & (y < low + 5)).flatten()[:limit]
+    x = split.select(keep.tolist())["pixel_values"][:]  # format only the images used
+    return torch.as_tensor(x), y[keep] - low
 
 
 def pretrained(mnist, examples: int | None, epochs: int, tiny: bool) -> dict:
