@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
+from .feedback import layer_input
 from .rules import LayerCost
 
 
@@ -96,16 +97,6 @@ def layer_stats(plugin, batch: Any = None, loss_fn: Optional[Callable[[Any], Ten
     return result
 
 
-def _first_input(args: tuple, kwargs: dict) -> Optional[Tensor]:
-    if args:
-        x = args[0]
-    elif len(kwargs) == 1:
-        x = next(iter(kwargs.values()))
-    else:
-        return None
-    return x if isinstance(x, Tensor) else None
-
-
 def gradient_angles(plugin, batch: Any, loss_fn: Optional[Callable] = None) -> dict[str, float]:
     """Angle between the gradients each layer's input receives under LDFA and under backprop,
     on the same batch, dropout masks and buffers; the model's ``.grad`` and the rule's
@@ -120,7 +111,7 @@ def gradient_angles(plugin, batch: Any, loss_fn: Optional[Callable] = None) -> d
 
     def capture(name):
         def hook(module, args, kwargs):
-            x = _first_input(args, kwargs)
+            x = layer_input(args, kwargs)
             if x is not None and torch.is_grad_enabled():
                 inputs[name] = x
         return hook

@@ -86,6 +86,17 @@ class _Orphan:
         return None
 
 
+def layer_input(args: tuple, kwargs: dict) -> Optional[Tensor]:
+    """A layer's input tensor: its first positional argument, or its only keyword argument."""
+    if args:
+        x = args[0]
+    elif len(kwargs) == 1:
+        x = next(iter(kwargs.values()))
+    else:
+        return None
+    return x if isinstance(x, Tensor) else None
+
+
 def registered_hook(hook) -> Optional["FeedbackHook"]:
     """The ``FeedbackHook`` behind an entry of a module's hook dict, or ``None``."""
     return hook.owner if isinstance(hook, _Registered) else None
@@ -136,13 +147,8 @@ class FeedbackHook:
         switch = self.switch
         if not torch.is_grad_enabled() or not switch.enabled:
             return None
-        if args:
-            x = args[0]
-        elif len(kwargs) == 1:
-            x = next(iter(kwargs.values()))
-        else:
-            return None
-        if not isinstance(x, Tensor):
+        x = layer_input(args, kwargs)
+        if x is None:
             return None
         self._x = x
         if args:

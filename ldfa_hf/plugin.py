@@ -189,7 +189,7 @@ class LDFAPlugin:
         self.switch.calibrating = self.rule.calibrates and self.rule.due(self.num_steps, self.config.calibrate_every)
 
     def _calibrate(self) -> None:
-        """Re-aim every layer that saw errors this step: P from the error sketch, Q = PᵀW."""
+        """Re-aim every layer that sent gradients down this step, from its (all-reduced) sketch."""
         hooks = [hook for hook in self._hooks.values() if hook.P is not None]
         self._average_statistics(hooks, calibration=True)
         for hook in hooks:
