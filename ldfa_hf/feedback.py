@@ -32,6 +32,7 @@ class Switch:
         self.step = 0             # the plugin's step counter, for seeding per-step randomness
         self.output_hook: Optional["FeedbackHook"] = None   # dfa: the output layer
         self.output_error: Optional[Tensor] = None          # dfa: its error in this backward
+        self.materialize = lambda: None  # the plugin's: makes factors deferred by meta-device weights
 
 
 class _Feedback(torch.autograd.Function):
@@ -169,6 +170,8 @@ class FeedbackHook:
         self.last_samples = self.kind.samples(output)
         if not x.requires_grad and not (collect and output.requires_grad):
             return None
+        if self.P is None and self.rule.has_factors:  # wrapped on the meta device: the weights are real now
+            self.switch.materialize()
         self.follow_device(module.weight.device)
         return _Feedback.apply(output, x, self, collect, calibrate)
 

@@ -75,6 +75,7 @@ class LDFAPlugin:
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._model: Optional[nn.Module] = None
         self._synced = False
+        self._pending = False  # factors wait for real weights (model wrapped on the meta device)
         self._warned_nonfinite = False
 
     # -- attach / detach ---------------------------------------------------------------------
@@ -101,13 +102,11 @@ class LDFAPlugin:
                                switch=self.switch, error_clip=clip, seed=self.config.seed)
             for name, (module, kind, target) in found.items()
         }
-        if self.rule.has_factors:  # initial factors, still before any hook is registered
-            for name, hook in hooks.items():
-                W = hook.weight_matrix()  # refuses FSDP / ZeRO-3 shards with a clear error
-                if not torch.isfinite(W).all():
-                    raise ValueError(f"weight of {name!r} contains NaN or Inf; cannot initialise its feedback")
-                P, Q = self.rule.init(W, hook.rank, factor_generator(self.config.seed, name, 0))
-                hook.P, hook.Q = P.float().contiguous(), Q.float().contiguous()
+        # initial factors, still before any hook is registered; weights on the meta device (a model
+        # built before loading or sharding) defer them to materialize()
+        self._pending = self.rule.has_factors and any(hook.module.weight.is_meta for hook in hooks.values())
+        if self.rule.has_factors and not self._pending:
+            self._init_factors(hooks)
         if self.rule.direct:  # dfa: the last targeted layer in module order is the head
             self.switch.output_hook = list(hooks.values())[-1]
         registered = []
@@ -123,11 +122,64 @@ class LDFAPlugin:
         self._targets = {name: target for name, (_, _, target) in found.items()}
         self._skipped = {name: 0 for name in hooks}
         self._model = model
-        self._optimizer = self._make_optimizer()
+        self._optimizer = None if self._pending else self._make_optimizer()
         self._synced = False
-        self._sync_once()
+        self.switch.materialize = self.materialize
+        if not self._pending:
+            self._sync_once()
         self._schedule()
         return self
+
+    def _init_factors(self, hooks: Mapping[str, FeedbackHook]) -> None:
+        """Every layer's initial P, Q from its weight (seeded by name: the same on every process)."""
+        for name, hook in hooks.items():
+            W = hook.weight_matrix()  # refuses FSDP / ZeRO-3 shards with a clear error
+            if not torch.isfinite(W).all():
+                raise ValueError(f"weight of {name!r} contains NaN or Inf; cannot initialise its feedback")
+        for name, hook in hooks.items():
+            P, Q = self.rule.init(hook.weight_matrix(), hook.rank, factor_generator(self.config.seed, name, 0))
+            hook.P, hook.Q = P.float().contiguous(), Q.float().contiguous()
+
+    @property
+    def materialized(self) -> bool:
+        """Whether the feedback factors exist (False while the weights were on the meta device)."""
+        return not self._pending
+
+    def materialize(self) -> "LDFAPlugin":
+        """Make the feedback factors from the now-real weights of a model wrapped on the meta device.
+
+        Happens by itself at the first training forward; call it after loading the weights to have
+        the factors (and ``stats()``, ``state_dict()``) earlier. The factors equal those of wrapping
+        the loaded model directly.
+
+        Example:
+            >>> with torch.device("meta"):
+            ...     model = AutoModelForCausalLM.from_config(config)
+            >>> plugin = ldfa_hf.wrap(model, LDFAConfig(rank=32))
+            >>> model.to_empty(device="cpu"); model.load_state_dict(weights)
+            >>> plugin.materialize()
+        """
+        if not self._pending:
+            return self
+        still_meta = [name for name, hook in self._hooks.items() if hook.module.weight.is_meta]
+        if still_meta:
+            raise ValueError(
+                f"LDFA cannot make feedback factors yet: {len(still_meta)} targeted weights are still on the "
+                f"meta device ({', '.join(still_meta[:3])}{' ...' if len(still_meta) > 3 else ''}); "
+                "load real weights first (e.g. model.to_empty(device=...) then load_state_dict)"
+            )
+        self._init_factors(self._hooks)
+        self._pending = False
+        self._optimizer = self._make_optimizer()
+        self._sync_once()
+        return self
+
+    def _require_factors(self, what: str) -> None:
+        if self._pending:
+            raise RuntimeError(
+                f"{what} needs the feedback factors, which are made once the weights are real: at the first "
+                "training forward, or by calling plugin.materialize() after loading the weights"
+            )
 
     def detach(self) -> None:
         """Remove every hook: the model is exactly as it was before ``attach``."""
@@ -168,6 +220,7 @@ class LDFAPlugin:
         """Update P and Q from this step's statistics. Call once per optimizer step, after it."""
         if not self._hooks:
             raise RuntimeError("LDFAPlugin.step() called on a detached plugin; call attach(model) first")
+        self._require_factors("LDFAPlugin.step()")
         self._sync_once()
         calibrated = self.switch.calibrating
         self.num_steps += 1
@@ -362,6 +415,7 @@ class LDFAPlugin:
         at each layer's input. ``batch`` is passed to the model (``model(**batch)`` for a
         mapping); the loss is ``loss_fn(output)`` or ``output.loss``.
         """
+        self._require_factors("LDFAPlugin.stats()")
         return diagnostics.layer_stats(self, batch, loss_fn)
 
     @contextlib.contextmanager
@@ -377,6 +431,7 @@ class LDFAPlugin:
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         """Factors, their optimizer state and the step counter, as a flat dict of tensors."""
+        self._require_factors("LDFAPlugin.state_dict()")
         state = {_STEP_KEY: torch.tensor(self.num_steps, dtype=torch.int64),
                  _SKIPPED_KEY: torch.tensor([self._skipped[n] for n in self._hooks], dtype=torch.int64)}
         for key, factor in self._stored_factors():
@@ -393,6 +448,7 @@ class LDFAPlugin:
         """Restore ``state_dict()`` output. Every key and shape is checked before anything changes."""
         if not self._hooks:
             raise RuntimeError("load_state_dict needs an attached plugin")
+        self._require_factors("LDFAPlugin.load_state_dict()")
         expected = {_STEP_KEY, _SKIPPED_KEY}
         for key, factor in self._stored_factors():
             expected.add(key)
