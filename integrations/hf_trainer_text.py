@@ -4,7 +4,7 @@ Data: four long topics of Python's own documentation (always installed), cut int
 chunks; the task is to tell which topic a chunk comes from. The model is a pretrained
 checkpoint given with ``--model`` (e.g. MiniLM), or a small BERT built from a config.
 
-    python integrations/hf_trainer_text.py --model path/to/minilm --rank 8
+    python integrations/hf_trainer_text.py --model path/to/minilm --rule calibrated --rank 32   # fine-tune
     python integrations/hf_trainer_text.py --tiny --max-steps 8       # seconds
     python integrations/hf_trainer_text.py --tiny --resume            # continue the last checkpoint
 """
