@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import ldfa_hf
+from ldfa_hf.demo import fit
 from ldfa_hf.rules import RULES
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -58,22 +59,7 @@ def train_classifier(model: nn.Module, train: tuple, test: tuple, method: str, r
     steps_per_epoch = len(y_train) // batch_size
     plugin = attach(model, method, rank, seed, refresh_every=max(1, steps_per_epoch // 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    curve, step_s = [], []
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(y_train), generator=gen)
-        for start in range(0, steps_per_epoch * batch_size, batch_size):
-            idx = order[start:start + batch_size]
-            t0 = time.perf_counter()
-            loss = nn.functional.cross_entropy(logits_of(model(x_train[idx])), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if plugin is not None:
-                plugin.step()
-            step_s.append(time.perf_counter() - t0)
-            curve.append(loss.item())
+    curve, step_s = fit(model, x_train, y_train, optimizer, plugin, epochs, batch_size, seed)
     return {"accuracy": accuracy(model, x_test, y_test), "curve": curve, "step_s": statistics.median(step_s[5:] or step_s),
             "plugin": plugin}
 

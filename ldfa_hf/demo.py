@@ -43,6 +43,31 @@ def small_vit(seed: int, hidden: int = 256, layers: int = 4) -> nn.Module:
     return ViTForImageClassification(config)
 
 
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer, plugin, epochs: int, batch_size: int,
+        seed: int) -> tuple[list[float], list[float]]:
+    """Cross-entropy over seeded shuffles, whole batches only; ``plugin.step()`` after every optimizer
+    step. Returns the per-step losses and step times (forward, backward, optimizer and LDFA)."""
+    order_gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = len(y) // batch_size
+    curve, step_s = [], []
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=order_gen)
+        for start in range(0, steps_per_epoch * batch_size, batch_size):
+            idx = order[start:start + batch_size]
+            t0 = time.perf_counter()
+            output = model(x[idx])
+            loss = nn.functional.cross_entropy(getattr(output, "logits", output), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if plugin is not None:
+                plugin.step()
+            step_s.append(time.perf_counter() - t0)
+            curve.append(loss.item())
+    return curve, step_s
+
+
 def train(method: str, epochs: int, batch_size: int, seed: int, rank: int, tiny: bool = False) -> dict:
     """AdamW + cross-entropy; LDFA's SVD refreshes every half epoch (``refresh_every="auto"``)."""
     (x, y), (x_test, y_test) = digits()
@@ -55,22 +80,7 @@ def train(method: str, epochs: int, batch_size: int, seed: int, rank: int, tiny:
         plugin = wrap(model, LDFAConfig(rank=rank, seed=seed))
         plugin.steps_per_epoch = steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    order_gen = torch.Generator().manual_seed(seed)
-    curve, step_s = [], []
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=order_gen)
-        for start in range(0, steps_per_epoch * batch_size, batch_size):
-            idx = order[start:start + batch_size]
-            t0 = time.perf_counter()
-            loss = nn.functional.cross_entropy(model(x[idx]).logits, y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if plugin is not None:
-                plugin.step()
-            step_s.append(time.perf_counter() - t0)
-            curve.append(loss.item())
+    curve, step_s = fit(model, x, y, optimizer, plugin, epochs, batch_size, seed)
     model.eval()
     with torch.no_grad():
         accuracy = float((model(x_test).logits.argmax(-1) == y_test).float().mean())
