@@ -180,12 +180,11 @@ class FeedbackHook:
         """``(δ P) Q`` for the input (``δ W`` under ``bp`` and on calibration steps); statistics while training."""
         module, kind = self._module, self.kind
         gx = z = None
-        if calibrate:
+        if calibrate or self.rule.exact:
             gx = kind.exact(g, module, x_shape) if need_gx else None
-            omega = self.sketch_matrix(g.device)
-            self.accumulate(self.rule.calibration_statistics(kind, module, g, gx, omega), kind.samples(g))
-        elif self.rule.exact:
-            gx = kind.exact(g, module, x_shape) if need_gx else None
+            if calibrate:
+                omega = self.sketch_matrix(g.device)
+                self.accumulate(self.rule.calibration_statistics(kind, module, g, gx, omega), kind.samples(g))
         elif self.rule.direct:
             if self.switch.output_hook is self:
                 self.switch.output_error = g.detach()
