@@ -7,16 +7,25 @@ Cases:
   mlp-lora    the mlp with its weights frozen and PEFT LoRA (r = 8) adapters on every layer
   llama-lora  the llama, frozen, LoRA (r = 8) on every attention and MLP projection
 
-For each case: the median step time (forward + backward + fused AdamW + plugin.step()) of a
-never-wrapped model, of LDFA (svd rule) and of ``rule="bp"``, repetitions interleaved so
-drift hits all alike (ratios are medians of per-round ratios); and the peak memory a step
-allocates on top of weights, gradients and optimizer state (CUDA: max allocated; CPU: the
-live tensors the step creates, counted by ``TensorMemory``).
+Methods, timed side by side: a never-wrapped model (backprop); the **floor**, the same
+hooks with a zero input gradient for every targeted layer (all of the weight-gradient
+work, none of the feedback or rule work: the fastest any feedback through these hooks can
+be); the rules svd, local, oja and calibrated at rank r; and ``rule="bp"`` (exact backprop
+through the hooks: their overhead). One timed sample is the mean step (forward, backward,
+fused AdamW, ``plugin.step()``) over 4 consecutive steps, so that the svd rule's refit and
+the calibrated rule's exact step are paid for in every sample (both default to every 4).
+Samples are interleaved across methods so drift hits all alike; ratios are medians of
+per-round ratios. For each rule, "of floor" is the share of the floor's saving it keeps,
+(t_bp − t_rule) / (t_bp − t_floor). Peak memory is what a step allocates on top of weights,
+gradients and optimizer state (CUDA: max allocated; CPU: the live tensors the step creates,
+counted by ``TensorMemory``).
 
-    python -m benchmarks.speed                  # mlp and llama, 7 repetitions
-    python -m benchmarks.speed --cases llama-lora mlp-lora
+    python -m benchmarks.speed                  # mlp, llama and llama-lora, 5 repetitions
+    python -m benchmarks.speed --compile        # also torch.compile (inductor) and LDFA's graph breaks
+    python -m benchmarks.speed --bf16           # under bf16 autocast
     python -m benchmarks.speed --phases         # where the time goes: forward, backward, optimizer, plugin
     python -m benchmarks.speed --sweep          # mlp and mlp-lora over widths 512–4096 × ranks 8–128, with plot
+    python -m benchmarks.speed --gpu-suite      # all of the above into one folder of CSVs (for a lent GPU)
     python -m benchmarks.speed --tiny           # seconds, for the tests
 """
 
@@ -35,8 +44,32 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import ldfa_hf
+from ldfa_hf.rules import Fixed
 
-METHODS = ("backprop", "ldfa", "bp-rule")
+RULES = ("svd", "local", "oja", "calibrated")
+METHODS = ("backprop", "floor", *RULES, "bp-rule")
+CYCLE = 4  # steps per timed sample: one svd refit and one calibration step in each (both default to every 4)
+
+
+class Floor(Fixed):
+    """The floor: the hooks' weight-gradient path with a zero input gradient (no feedback work)."""
+
+    name = "floor"
+    label = "floor (zero feedback)"
+
+    def feedback(self, kind, module, g, P, Q, x_shape, need_gx, need_z):
+        return (g.new_zeros(x_shape) if need_gx else None), None
+
+
+def attach(model: nn.Module, method: str, rank: int):
+    """The plugin for ``method`` (``None`` for plain backprop)."""
+    if method == "backprop":
+        return None
+    if method == "floor":
+        plugin = ldfa_hf.LDFAPlugin(ldfa_hf.LDFAConfig(rank=rank, rule="fixed"))
+        plugin.rule = Floor()
+        return plugin.attach(model)
+    return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="bp" if method == "bp-rule" else method))
 
 
 CASES = ("mlp", "llama", "mlp-lora", "llama-lora")
@@ -86,23 +119,23 @@ def with_lora(model: nn.Module, target_modules: list[str]) -> nn.Module:
 
 
 class Runner:
-    """One model + optimizer (+ plugin) that can take a timed training step."""
+    """One model + optimizer (+ plugin) that can take timed training steps."""
 
-    def __init__(self, case: str, method: str, rank: int, tiny: bool, device: str, width: int | None = None) -> None:
+    def __init__(self, case: str, method: str, rank: int, tiny: bool, device: str, width: int | None = None,
+                 compiled: bool = False, bf16: bool = False) -> None:
         torch.manual_seed(0)
         model, self.make_batch, self.loss_fn = build(case, tiny, width)
         self.model = model.to(device)
         self.batch = {k: v.to(device) for k, v in self.make_batch().items()}
-        self.plugin = None
-        if method != "backprop":
-            rule = "svd" if method == "ldfa" else "bp"
-            self.plugin = ldfa_hf.wrap(self.model, ldfa_hf.LDFAConfig(rank=rank, rule=rule))
+        self.plugin = attach(self.model, method, rank)
+        self.forward_model = torch.compile(self.model) if compiled else self.model
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
-        self.device = device
+        self.device, self.bf16 = device, bf16
 
-    def step(self) -> float:
-        return sum(self.phases().values())
+    def step(self, steps: int = CYCLE) -> float:
+        """Mean seconds per training step over ``steps`` consecutive steps."""
+        return sum(sum(self.phases().values()) for _ in range(steps)) / steps
 
     def phases(self) -> dict:
         """Seconds spent in forward, backward, optimizer and ``plugin.step()`` for one step."""
@@ -114,7 +147,8 @@ class Runner:
             marks.append(time.perf_counter())
 
         mark()
-        loss = self.loss_fn(self.model, self.batch)
+        with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.loss_fn(self.forward_model, self.batch)
         mark()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -162,15 +196,15 @@ class TensorMemory(TorchDispatchMode):
 
 def peak_memory(runner: "Runner") -> int:
     """Peak bytes one more training step allocates on top of model, gradients and optimizer state."""
-    runner.step()  # optimizer state and gradients exist from here on
+    runner.step(1)  # optimizer state and gradients exist from here on
     if runner.device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        runner.step()
+        runner.step(1)
         return torch.cuda.max_memory_allocated() - base
     with TensorMemory() as tracker:
-        runner.step()
+        runner.step(1)
     return tracker.peak
 
 
@@ -190,27 +224,56 @@ def paired_ratio(numerator: list, denominator: list) -> float:
     return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
-def measure(case: str, rank: int, reps: int, warmup: int, tiny: bool, device: str, with_memory: bool = True) -> dict:
-    runners = {m: Runner(case, m, rank, tiny, device) for m in METHODS}
+def floor_fraction(backprop: list, floor: list, rule: list) -> float:
+    """Median over rounds of the share of the floor's saving a rule keeps."""
+    return statistics.median((b - r) / (b - f) if b != f else float("nan") for b, f, r in zip(backprop, floor, rule))
+
+
+def graph_breaks(runner: "Runner") -> int:
+    """Graph breaks TorchDynamo reports for one forward of the runner's model."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda batch: runner.loss_fn(runner.model, batch))(runner.batch)
+    torch._dynamo.reset()
+    return explanation.graph_break_count
+
+
+def measure(case: str, rank: int, reps: int, warmup: int, tiny: bool, device: str, with_memory: bool = True,
+            methods=METHODS, compiled: bool = False, bf16: bool = False) -> dict:
+    """Step time, speed-up, share of the floor's saving and peak memory of every method on one case."""
+    runners = {m: Runner(case, m, rank, tiny, device, compiled=compiled, bf16=bf16) for m in methods}
     times = timed_rounds(runners, reps, warmup)
-    estimate = runners["ldfa"].plugin.cost()
     memory = {m: peak_memory(runner) if with_memory else 0 for m, runner in runners.items()}
-    return {
-        "case": case, "rank": rank, "device": device, "reps": reps,
+    bp = times["backprop"]
+    result = {
+        "case": case, "rank": rank, "device": device, "reps": reps, "compiled": compiled, "bf16": bf16,
         "step_s": {m: statistics.median(v) for m, v in times.items()},
-        "speedup_ldfa": paired_ratio(times["backprop"], times["ldfa"]),
-        "bp_rule_overhead": paired_ratio(times["bp-rule"], times["backprop"]),
+        "speedup": {m: paired_ratio(bp, v) for m, v in times.items()},
+        "floor_fraction": ({m: floor_fraction(bp, times["floor"], v) for m, v in times.items()}
+                           if "floor" in times else {}),
         "memory_bytes": memory,
-        "memory_ratio_ldfa": memory["ldfa"] / memory["backprop"] if memory["backprop"] else float("nan"),
-        "estimated_backward_saved": estimate["backward_saved"],
-        "estimated_step_saved_in_targets": estimate["step_saved"],
+        "memory_ratio": {m: v / memory["backprop"] if memory["backprop"] else float("nan") for m, v in memory.items()},
     }
+    if "bp-rule" in times:
+        result["bp_rule_overhead"] = paired_ratio(times["bp-rule"], bp)
+    if "svd" in runners:
+        result["estimated_backward_saved"] = runners["svd"].plugin.cost()["backward_saved"]
+    if compiled:
+        result["graph_breaks"] = {m: graph_breaks(r) for m, r in runners.items()}
+    return result
+
+
+def cycle_phases(runner: "Runner") -> dict:
+    """Mean seconds per phase over one cycle of ``CYCLE`` steps."""
+    steps = [runner.phases() for _ in range(CYCLE)]
+    return {k: statistics.mean(p[k] for p in steps) for k in steps[0]}
 
 
 def phase_table(case: str, rank: int, reps: int, warmup: int, tiny: bool, device: str) -> dict:
     """Median seconds per phase for backprop and LDFA (interleaved), to see where time goes."""
-    runners = {m: Runner(case, m, rank, tiny, device) for m in ("backprop", "ldfa")}
-    samples = timed_rounds(runners, reps, warmup, sample=lambda runner: runner.phases())
+    runners = {m: Runner(case, m, rank, tiny, device) for m in ("backprop", "floor", "svd")}
+    samples = timed_rounds(runners, reps, warmup, sample=lambda runner: cycle_phases(runner))
     table = {m: {k: statistics.median(p[k] for p in v) for k in v[0]} for m, v in samples.items()}
     for method, row in table.items():
         cells = "  ".join(f"{k} {1000 * t:8.1f} ms" for k, t in row.items())
@@ -237,7 +300,7 @@ def sweep(args) -> list[dict]:
             backprop = Runner(case, "backprop", 0, args.tiny, args.device, width)
             mem_bp = peak_memory(backprop)
             for cell in cells:
-                ldfa = Runner(case, "ldfa", cell["rank"], args.tiny, args.device, width)
+                ldfa = Runner(case, "svd", cell["rank"], args.tiny, args.device, width)
                 times = timed_rounds({"backprop": backprop, "ldfa": ldfa}, args.reps, args.warmup)
                 cost = ldfa.plugin.cost()
                 tokens = max(v.forward_samples for v in ldfa.plugin.layers.values())
@@ -284,54 +347,115 @@ def plot_sweep(rows: list[dict], path: str) -> str:
     return save_figure(fig, path)
 
 
-def main(argv=None) -> list[dict]:
+TABLE_FIELDS = ["case", "device", "dtype", "compiled", "method", "rank", "reps", "step_ms", "speedup",
+                "floor_fraction", "mem_mb", "mem_ratio", "graph_breaks"]
+
+
+def table_rows(result: dict) -> list[dict]:
+    """One CSV row per method of a ``measure`` result."""
+    rows = []
+    for method, seconds in result["step_s"].items():
+        fraction = result["floor_fraction"].get(method)
+        rows.append({
+            "case": result["case"], "device": result["device"], "dtype": "bf16" if result["bf16"] else "fp32",
+            "compiled": int(result["compiled"]), "method": method, "rank": result["rank"], "reps": result["reps"],
+            "step_ms": f"{1000 * seconds:.1f}", "speedup": f"{result['speedup'][method]:.3f}",
+            "floor_fraction": "" if fraction is None or method in ("backprop", "floor", "bp-rule") else f"{fraction:.3f}",
+            "mem_mb": f"{result['memory_bytes'][method] / 2**20:.1f}",
+            "mem_ratio": f"{result['memory_ratio'][method]:.3f}",
+            "graph_breaks": result.get("graph_breaks", {}).get(method, ""),
+        })
+    return rows
+
+
+def print_result(result: dict) -> None:
+    tag = result["case"] + (" compiled" if result["compiled"] else "") + (" bf16" if result["bf16"] else "")
+    print(f"{tag}: backprop {1000 * result['step_s']['backprop']:.1f} ms per step")
+    print(f"  {'method':<11} {'step ms':>9} {'bp/method':>10} {'of floor':>9} {'mem MB':>8} {'mem/bp':>7}"
+          + (f" {'graph breaks':>13}" if result["compiled"] else ""))
+    for row in table_rows(result):
+        fraction = f"{100 * float(row['floor_fraction']):.0f}%" if row["floor_fraction"] else ""
+        print(f"  {row['method']:<11} {row['step_ms']:>9} {float(row['speedup']):>9.3f}x {fraction:>9} "
+              f"{row['mem_mb']:>8} {row['mem_ratio']:>7}" + (f" {row['graph_breaks']:>13}" if result["compiled"] else ""),
+              flush=True)
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    new = not os.path.exists(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, TABLE_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def table(args, cases, compiled: bool = False, bf16: bool = False, out: str | None = None) -> list[dict]:
+    methods = ("backprop", "svd") if compiled else METHODS
+    results = []
+    for case in cases:
+        result = measure(case, args.rank, args.reps, args.warmup, args.tiny, args.device,
+                         with_memory=not args.no_memory, methods=methods, compiled=compiled, bf16=bf16)
+        print_result(result)
+        if out:
+            write_rows(out, table_rows(result))
+        results.append(result)
+    return results
+
+
+def gpu_suite(args) -> dict:
+    """Everything a lent accelerator should measure, into CSVs under ``--out-dir``: the table (fp32,
+    bf16 autocast, compiled), the per-phase split and the width × rank sweep."""
+    out = args.out_dir
+    os.makedirs(out, exist_ok=True)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    with open(os.path.join(out, "device.txt"), "w") as fh:
+        fh.write(f"{name}\ntorch {torch.__version__}\n")
+    print(f"device: {name}", flush=True)
+    cases = list(CASES)
+    suite = {
+        "fp32": table(args, cases, out=os.path.join(out, "speed.csv")),
+        "bf16": table(args, cases, bf16=True, out=os.path.join(out, "speed.csv")),
+        "compiled": table(args, ["mlp", "llama"], compiled=True, out=os.path.join(out, "speed.csv")),
+        "phases": [phase_table(c, args.rank, args.reps, args.warmup, args.tiny, args.device) for c in ("mlp", "llama")],
+    }
+    args.out = os.path.join(out, "speed_sweep.csv")
+    suite["sweep"] = sweep(args)
+    return suite
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["mlp", "llama"], choices=CASES)
+    parser.add_argument("--cases", nargs="+", default=["mlp", "llama", "llama-lora"], choices=CASES)
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None, help="CSV file to append results to")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd backprop and svd")
+    parser.add_argument("--bf16", action="store_true", help="run the forward under bf16 autocast")
     parser.add_argument("--phases", action="store_true", help="per-phase medians (forward, backward, optimizer, plugin) instead")
     parser.add_argument("--no-memory", action="store_true", help="time only (skip the extra, tracked steps that measure memory)")
     parser.add_argument("--sweep", action="store_true", help="mlp and mlp-lora over --widths × --ranks, CSV and plot")
     parser.add_argument("--widths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--gpu-suite", action="store_true", help="table, bf16, compiled, phases and sweep into --out-dir")
+    parser.add_argument("--out-dir", default="speed_suite")
     args = parser.parse_args(argv)
     if args.tiny:
         args.reps, args.warmup = 2, 1
+    if args.gpu_suite:
+        return gpu_suite(args)
     if args.sweep:
         return sweep(args)
     if args.phases:
         return [phase_table(case, args.rank, args.reps, args.warmup, args.tiny, args.device) for case in args.cases]
-    results = []
-    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"{'case':<6} {'backprop ms':>12} {'ldfa ms':>9} {'bp/ldfa':>8} {'bp-rule/never':>14} "
-          f"{'mem bp MB':>10} {'mem ldfa MB':>12} {'mem ratio':>10} {'est. bwd saved':>15}")
-    for case in args.cases:
-        r = measure(case, args.rank, args.reps, args.warmup, args.tiny, args.device, with_memory=not args.no_memory)
-        results.append(r)
-        s, mem = r["step_s"], r["memory_bytes"]
-        print(f"{case:<6} {1000 * s['backprop']:>12.1f} {1000 * s['ldfa']:>9.1f} {r['speedup_ldfa']:>7.3f}x "
-              f"{r['bp_rule_overhead']:>13.3f}x {mem['backprop'] / 2**20:>10.1f} {mem['ldfa'] / 2**20:>12.1f} "
-              f"{r['memory_ratio_ldfa']:>10.3f} {100 * r['estimated_backward_saved']:>14.1f}%", flush=True)
-    if args.out:
-        new = not os.path.exists(args.out)
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "a", newline="") as fh:
-            writer = csv.writer(fh)
-            if new:
-                writer.writerow(["case", "device", "rank", "reps", "backprop_ms", "ldfa_ms", "bp_rule_ms",
-                                 "speedup", "bp_rule_overhead", "mem_backprop_mb", "mem_ldfa_mb", "mem_ratio",
-                                 "est_backward_saved"])
-            for r in results:
-                s, mem = r["step_s"], r["memory_bytes"]
-                writer.writerow([r["case"], r["device"], r["rank"], r["reps"], f"{1000 * s['backprop']:.1f}",
-                                 f"{1000 * s['ldfa']:.1f}", f"{1000 * s['bp-rule']:.1f}", f"{r['speedup_ldfa']:.3f}",
-                                 f"{r['bp_rule_overhead']:.3f}", f"{mem['backprop'] / 2**20:.1f}",
-                                 f"{mem['ldfa'] / 2**20:.1f}", f"{r['memory_ratio_ldfa']:.3f}",
-                                 f"{r['estimated_backward_saved']:.3f}"])
+    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} rank={args.rank} "
+          f"(step = mean over {CYCLE} steps, median of {args.reps} rounds)")
+    results = table(args, args.cases, bf16=args.bf16, out=args.out)
+    if args.compile:
+        results += table(args, args.cases, compiled=True, bf16=args.bf16, out=args.out)
     return results
 
 

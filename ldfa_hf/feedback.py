@@ -163,7 +163,8 @@ class FeedbackHook:
         if not self.switch.enabled or not isinstance(output, Tensor):
             return None
         training = self.switch.collecting and module.training
-        collect = bool(training and self.rule.needs)
+        # an input that needs no gradient never uses the feedback, so its statistics would be waste
+        collect = bool(training and self.rule.needs and x.requires_grad)
         # an input that needs no gradient receives no feedback, so there is nothing to calibrate
         calibrate = bool(training and self.switch.calibrating and x.requires_grad)
         self.input_needs_grad = x.requires_grad
@@ -190,10 +191,7 @@ class FeedbackHook:
                 self.switch.output_error = g.detach()
             gx = self.direct(self.switch.output_error, x_shape) if need_gx else None
         else:
-            if need_gx or collect:
-                z = kind.down(g, self.P)
-            if need_gx:
-                gx = kind.up(z, self.Q, module, x_shape)
+            gx, z = self.rule.feedback(kind, module, g, self.P, self.Q, x_shape, need_gx, collect)
         if collect:
             self.accumulate(self.rule.statistics(kind, module, g, z, x, self.P, self.Q), kind.samples(g))
         if gx is not None and self.error_clip is not None:

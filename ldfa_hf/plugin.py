@@ -230,6 +230,8 @@ class LDFAPlugin:
             self._calibrate()
         elif self.rule.trains and not refresh:
             self._descend()
+        elif self.rule.refits and not refresh and self.num_steps % self.config.refit_every == 0:
+            self._refit()
         self.reset_statistics()
         if refresh:
             self.refresh()
@@ -295,6 +297,23 @@ class LDFAPlugin:
         self._optimizer.step()
         for hook in hooks:
             hook.P.grad = hook.Q.grad = None
+
+    def _refit(self) -> None:
+        """Re-fit the factors of every layer whose weight trains; non-finite results are skipped."""
+        # a layer whose input needs no gradient (a model's first layer) never uses its feedback
+        hooks = [hook for hook in self._hooks.values()
+                 if hook.P is not None and hook.weight_trains and hook.input_needs_grad]
+        if not hooks:
+            return
+        # one fused check (a non-finite entry makes the norm non-finite), one sync: a non-finite W is skipped
+        finite = torch.stack(torch._foreach_norm([hook.weight_matrix() for hook in hooks])).isfinite().tolist()
+        for hook in [hook for hook, ok in zip(hooks, finite) if not ok]:
+            self._skip(hook.name)
+        hooks = [hook for hook, ok in zip(hooks, finite) if ok]
+        fits = self.rule.all_refits(hooks) if hooks else []
+        for hook, (P, Q) in zip(hooks, fits):
+            hook.P.data.copy_(P)
+            hook.Q.data.copy_(Q)
 
     def _skip(self, name: str) -> None:
         """Count a skipped update; warn the first time only."""

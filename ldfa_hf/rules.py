@@ -90,6 +90,7 @@ class Rule:
     direct = False      # the output error goes straight to every layer (dfa)
     trains = False      # P, Q have an optimizer
     refreshes = False   # re-initialised from W every ``refresh_every`` steps
+    refits = False      # re-fitted to W every ``refit_every`` steps (svd)
     calibrates = False  # some steps run exact backprop and re-aim P, Q from their errors
     follows_weight = False  # P, Q only track W: nothing to learn while W is frozen
     lr = 0.0
@@ -116,6 +117,13 @@ class Rule:
 
     def statistics(self, kind, module, g, z, x, P, Q) -> dict:
         return {}
+
+    def feedback(self, kind, module, g: Tensor, P: Tensor, Q: Tensor, x_shape, need_gx: bool,
+                 need_z: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(input gradient ``(δ P) Q`` or ``None``, compressed error ``z = δ P`` or ``None``)."""
+        z = kind.down(g, P) if need_gx or need_z else None
+        gx = kind.up(z, Q, module, x_shape) if need_gx else None
+        return gx, z
 
     def gradients(self, hook) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -179,17 +187,33 @@ class DFA(Rule):
 
 
 class SVD(Rule):
-    """P Q tracks the best rank-r approximation of W (the paper's v4 default)."""
+    """P Q tracks the best rank-r approximation of W (the paper's v4 rule).
+
+    Every ``refit_every`` steps one alternating-least-squares sweep re-fits P Q to the
+    current W, warm-started from Q: ``U = orth(W Qᵀ)``, then the best rank-r factors of
+    ``U Uᵀ W`` (one block power iteration, 2·m·n·r multiply-adds). W moves little between
+    sweeps, so the fit stays close to the top-r subspace at a fraction of the cost of the
+    paper's AdamW step on ½‖PQ − W‖² every step, which remains available as the research
+    switch ``update = "descent"`` (set on ``plugin.rule`` before ``attach``).
+    """
 
     name = "svd"
     label = "LDFA svd"
-    trains = True
     refreshes = True
-    follows_weight = True  # a frozen W (LoRA's base) keeps its truncated SVD from attach: no descent
-    lr = 0.015
+    follows_weight = True  # a frozen W (LoRA's base) keeps its truncated SVD from attach
+    update = "refit"
+    lr = 0.015             # descent only
     weight_decay = 0.0
     grad_clip = 1.0
     batch_below = 512 * 512  # weight entries under which same-shaped layers are batched
+
+    @property
+    def trains(self) -> bool:
+        return self.update == "descent"
+
+    @property
+    def refits(self) -> bool:
+        return self.update == "refit"
 
     def init(self, W, r, generator):
         return svd_factors(W, r, generator)
@@ -201,15 +225,33 @@ class SVD(Rule):
         grad_Q = torch.baddbmm((P.mT @ P) @ Q, P.mT, W, alpha=-1) if W.dim() == 3 else torch.addmm((P.T @ P) @ Q, P.T, W, alpha=-1)
         return grad_P, grad_Q
 
+    @staticmethod
+    def _refit(W: Tensor, P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+        """One ALS sweep from Q, returned balanced (``P = U S^½``, ``Q = S^½ Vᵀ``); batched or not."""
+        U = torch.linalg.qr(W @ Q.mT).Q
+        Ub, S, Vh = torch.linalg.svd(U.mT @ W, full_matrices=False)
+        root = S.sqrt()
+        return ((U @ Ub) * root.unsqueeze(-2)).contiguous(), (root.unsqueeze(-1) * Vh).contiguous()
+
     def gradients(self, hook):
         return self._descent(hook.weight_matrix().float(), hook.P, hook.Q)
 
     def work(self, layer, config):
-        return 2 * layer.m * layer.n * layer.r if layer.weight_trains else 0  # frozen W: no descent
+        if not (layer.weight_trains and layer.input_grad):  # frozen W or unused feedback: nothing to track
+            return 0
+        every = 1 if self.trains else config.refit_every
+        return 2 * layer.m * layer.n * layer.r // every
 
     def all_gradients(self, hooks):
-        """Small same-shaped layers share one batched matmul (per-call overhead dominates
-        there); large ones go one by one, since stacking would copy every W."""
+        return self._batched(hooks, self._descent)
+
+    def all_refits(self, hooks) -> list[tuple[Tensor, Tensor]]:
+        """New (P, Q) for every hook, in order."""
+        return self._batched(hooks, self._refit)
+
+    def _batched(self, hooks, fn) -> list[tuple[Tensor, Tensor]]:
+        """``fn(W, P, Q)`` per hook. Small same-shaped layers share one batched call (per-call
+        overhead dominates there); large ones go one by one, since stacking would copy every W."""
         groups: dict = {}
         for i, hook in enumerate(hooks):
             m, n = hook.P.shape[0], hook.Q.shape[1]
@@ -218,13 +260,14 @@ class SVD(Rule):
         out = [None] * len(hooks)
         for members in groups.values():
             if len(members) == 1:
-                out[members[0]] = self.gradients(hooks[members[0]])
+                hook = hooks[members[0]]
+                out[members[0]] = fn(hook.weight_matrix().float(), hook.P.detach(), hook.Q.detach())
                 continue
             W = torch.stack([hooks[i].weight_matrix().float() for i in members])
-            P = torch.stack([hooks[i].P for i in members])
-            Q = torch.stack([hooks[i].Q for i in members])
-            for i, gP, gQ in zip(members, *self._descent(W, P, Q)):
-                out[i] = (gP, gQ)
+            P = torch.stack([hooks[i].P.detach() for i in members])
+            Q = torch.stack([hooks[i].Q.detach() for i in members])
+            for i, a, b in zip(members, *fn(W, P, Q)):
+                out[i] = (a, b)
         return out
 
 
@@ -253,7 +296,7 @@ class Local(Rule):
         return hook.stats["delta_xq"], hook.stats["z_x"]
 
     def work(self, layer, config):
-        return layer.N * layer.r * (layer.m + 2 * layer.n)
+        return layer.N * layer.r * (layer.m + 2 * layer.n) if layer.input_grad else 0
 
 
 class Oja(Rule):
@@ -297,7 +340,7 @@ class Oja(Rule):
         return grad_P, s["z_x"]
 
     def work(self, layer, config):
-        return layer.N * layer.r * (layer.m + layer.n) + layer.m * layer.r * layer.r
+        return layer.N * layer.r * (layer.m + layer.n) + layer.m * layer.r * layer.r if layer.input_grad else 0
 
 
 def top_subspace(sketch: Tensor, omega: Tensor, r: int) -> tuple[Tensor, Tensor]:

@@ -22,15 +22,51 @@ def test_demo_tiny_prints_table_and_writes_plot(tmp_path, capsys):
                     f"step speed-up {bp['step_s'] / ldfa['step_s']:.2f}x")
 
 
-def test_speed_tiny_reports_ratios_and_memory(tmp_path, capsys):
+def test_speed_tiny_reports_floor_rules_and_memory(tmp_path, capsys):
+    import csv
+
     out_csv = tmp_path / "speed.csv"
     (result,) = speed.main(["--tiny", "--cases", "mlp", "--out", str(out_csv)])
-    assert set(result["step_s"]) == {"backprop", "ldfa", "bp-rule"}
+    assert set(result["step_s"]) == set(speed.METHODS) == {"backprop", "floor", "svd", "local", "oja",
+                                                           "calibrated", "bp-rule"}
     memory = result["memory_bytes"]
     assert memory["bp-rule"] == memory["backprop"] > 0   # exact backprop through the hooks allocates the same
-    # tiny widths (8) below the rank (32): the feedback is full rank, so LDFA can only cost more
-    assert result["estimated_backward_saved"] < 0 and memory["ldfa"] > memory["backprop"]
-    assert out_csv.read_text().startswith("case,device,rank")
+    # tiny widths (64) at rank 32: the feedback costs more than it saves
+    assert result["estimated_backward_saved"] < 0
+    rows = list(csv.DictReader(open(out_csv)))
+    assert [r["method"] for r in rows] == list(speed.METHODS)
+    assert all(bool(r["floor_fraction"]) == (r["method"] in speed.RULES) for r in rows)
+    assert "of floor" in capsys.readouterr().out
+
+
+def test_floor_sends_zero_input_gradient_and_exact_weight_gradient_at_the_top():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    reference = __import__("copy").deepcopy(model)
+    speed.attach(model, "floor", rank=2)
+    x, x_ref = torch.randn(4, 6, requires_grad=True), None
+    x_ref = x.detach().clone().requires_grad_(True)
+    model(x).pow(2).sum().backward()
+    reference(x_ref).pow(2).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and not torch.equal(x_ref.grad, torch.zeros_like(x_ref))
+    torch.testing.assert_close(model[2].weight.grad, reference[2].weight.grad)
+    assert torch.equal(model[0].weight.grad, torch.zeros_like(model[0].weight))  # nothing arrived below the top
+
+
+def test_speed_compiled_tiny_counts_graph_breaks(capsys):
+    (result,) = speed.main(["--tiny", "--cases", "mlp", "--compile", "--no-memory"])[1:]
+    assert result["compiled"] and set(result["step_s"]) == {"backprop", "svd"}
+    assert result["graph_breaks"] == {"backprop": 0, "svd": 0}
+
+
+def test_gpu_suite_tiny_writes_every_csv(tmp_path):
+    import csv
+
+    suite = speed.main(["--tiny", "--gpu-suite", "--out-dir", str(tmp_path), "--widths", "32", "--ranks", "4"])
+    assert set(suite) == {"fp32", "bf16", "compiled", "phases", "sweep"}
+    rows = list(csv.DictReader(open(tmp_path / "speed.csv")))
+    assert {(r["dtype"], r["compiled"]) for r in rows} == {("fp32", "0"), ("bf16", "0"), ("fp32", "1")}
+    assert {r["case"] for r in rows} == set(speed.CASES)
+    assert (tmp_path / "speed_sweep.csv").exists() and (tmp_path / "device.txt").read_text().startswith("cpu")
 
 
 def test_cli_dispatch(capsys, tmp_path):
@@ -69,11 +105,11 @@ def test_tensor_memory_counts_what_a_block_allocates_while_alive():
 
 def test_speed_phases_tiny(capsys):
     (table,) = speed.main(["--tiny", "--cases", "mlp", "--phases"])
-    assert set(table) == {"backprop", "ldfa"}
+    assert set(table) == {"backprop", "floor", "svd"}
     for row in table.values():
         assert set(row) == {"forward", "backward", "optimizer", "plugin"}
     assert table["backprop"]["plugin"] < table["backprop"]["backward"]  # nothing to step vs a backward pass
-    assert "ldfa" in capsys.readouterr().out
+    assert "floor" in capsys.readouterr().out
 
 
 def test_mnist_sweep_tiny_resumes_finished_cells(tmp_path, capsys, monkeypatch):
