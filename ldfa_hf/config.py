@@ -78,9 +78,10 @@ class LDFAConfig:
             ``"auto"`` (default) is half an epoch when the epoch length is known (from
             ``LDFACallback``, or ``plugin.steps_per_epoch = n``), else
             ``AUTO_REFRESH_FALLBACK`` (500) steps; ``None``: only at initialisation.
-        refit_every: ``svd`` rule: one alternating-least-squares sweep re-fits P Q to the
-            current W every this many optimizer steps (docs/METHOD.md §2); the sweep costs
-            what one step's descent did, so 4 cuts the rule's work fourfold.
+        refit_every: ``svd`` rule: ``None`` (default) descends ½‖PQ − W‖² with AdamW every
+            step, as the paper does; an int k re-fits P Q to W by one alternating-least-squares
+            sweep every k steps instead (docs/METHOD.md §2): the rule's work divided by k, at a
+            measured accuracy cost on a from-scratch LM (benchmarks/results/RESULTS.md f).
         calibrate_every: ``calibrated`` rule: one optimizer step in this many (the first
             one included) runs exact backprop and re-aims P, Q at the gradients it sent down.
             4 is the measured default (docs/METHOD.md §3); larger saves more, less accurately.
@@ -103,7 +104,7 @@ class LDFAConfig:
     exclude_modules: Optional[Union[str, list]] = None
     include_conv: bool = True
     refresh_every: Union[int, str, None] = "auto"
-    refit_every: int = 4
+    refit_every: Optional[int] = None
     calibrate_every: int = 4
     feedback_lr: Optional[float] = None
     feedback_weight_decay: Optional[float] = None
@@ -136,8 +137,9 @@ class LDFAConfig:
             raise ValueError(f"include_conv must be a bool; got {self.include_conv!r}")
         if self.refresh_every not in (None, "auto") and (not _is_int(self.refresh_every) or self.refresh_every <= 0):
             raise ValueError(f"refresh_every must be a positive int, 'auto' or None; got {self.refresh_every!r}")
-        if not _is_int(self.refit_every) or self.refit_every < 1:
-            raise ValueError(f"refit_every must be an int >= 1 (steps between svd refits); got {self.refit_every!r}")
+        if self.refit_every is not None and (not _is_int(self.refit_every) or self.refit_every < 1):
+            raise ValueError(f"refit_every must be None or an int >= 1 (steps between svd refits); "
+                             f"got {self.refit_every!r}")
         if not _is_int(self.calibrate_every) or self.calibrate_every < 1:
             raise ValueError(f"calibrate_every must be an int >= 1 (steps between exact calibration steps); "
                              f"got {self.calibrate_every!r}")

@@ -1,10 +1,14 @@
-"""``ldfa-hf demo``: a small ViT on scikit-learn's digits, backprop and LDFA side by side.
+"""``ldfa-hf demo``: a wide MLP on scikit-learn's digits, backprop and LDFA side by side.
 
-    ldfa-hf demo                    # about 3 minutes on 2 CPU cores; writes ./ldfa_demo.png
-    ldfa-hf demo --epochs 1 --out /tmp/demo
+    ldfa-hf demo                    # about 2 minutes on 2 CPU cores; writes ./ldfa_demo.png
+    ldfa-hf demo --epochs 5 --out /tmp/demo
 
-Self-contained (the library's only training loop): the digits ship with scikit-learn, the
-model is built from a ``ViTConfig``, and both runs see the same batches in the same order.
+Self-contained (the library's only training loop): the digits ship with scikit-learn and
+both runs see the same initial weights and the same batches in the same order. The model
+is where LDFA's saving is real at this size: hidden layers of width 1024, whose backward
+``δ W`` (N·m·n) LDFA replaces by ``(δ P) Q`` (N·r·(m+n)). On small transformers (a ViT
+of width 256 on 8×8 images) the attention, norms and activations take most of the step
+and the saving does not show; `benchmarks/results/RESULTS.md` has the measured cases.
 """
 
 from __future__ import annotations
@@ -33,14 +37,13 @@ def digits(seed: int = 0):
     return (x[order[:cut]], y[order[:cut]]), (x[order[cut:]], y[order[cut:]])
 
 
-def small_vit(seed: int, hidden: int = 256, layers: int = 4) -> nn.Module:
-    from transformers import ViTConfig, ViTForImageClassification
-
+def wide_mlp(seed: int, width: int, depth: int) -> nn.Module:
+    """``depth`` hidden layers of ``width`` with GELU, on the flattened 8×8 image."""
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=hidden, num_hidden_layers=layers,
-                       num_attention_heads=4, intermediate_size=2 * hidden, num_labels=10,
-                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return ViTForImageClassification(config)
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(64, width), nn.GELU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.GELU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer, plugin, epochs: int, batch_size: int,
@@ -68,24 +71,23 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer, plugin, e
     return curve, step_s
 
 
-def train(method: str, epochs: int, batch_size: int, seed: int, rank: int, tiny: bool = False) -> dict:
+def train(method: str, args) -> dict:
     """AdamW + cross-entropy; LDFA's SVD refreshes every half epoch (``refresh_every="auto"``)."""
     (x, y), (x_test, y_test) = digits()
-    if tiny:
+    if args.tiny:
         x, y = x[:256], y[:256]
-    model = small_vit(seed, *((32, 1) if tiny else (256, 4)))
+    model = wide_mlp(args.seed, args.width, args.depth)
     plugin = None
-    steps_per_epoch = len(y) // batch_size
     if method == "ldfa":
-        plugin = wrap(model, LDFAConfig(rank=rank, seed=seed))
-        plugin.steps_per_epoch = steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    curve, step_s = fit(model, x, y, optimizer, plugin, epochs, batch_size, seed)
+        plugin = wrap(model, LDFAConfig(rank=args.rank, seed=args.seed))
+        plugin.steps_per_epoch = len(y) // args.batch_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    curve, step_s = fit(model, x, y, optimizer, plugin, args.epochs, args.batch_size, args.seed)
     model.eval()
     with torch.no_grad():
-        accuracy = float((model(x_test).logits.argmax(-1) == y_test).float().mean())
+        accuracy = float((model(x_test).argmax(-1) == y_test).float().mean())
     return {"method": method, "accuracy": accuracy, "curve": curve, "plugin": plugin,
-            "step_s": statistics.median(step_s[5:] or step_s)}
+            "step_s": statistics.mean(step_s[5:] or step_s)}  # the mean: refits and refreshes included
 
 
 def plot(results: list[dict], path: str) -> str | None:
@@ -104,7 +106,7 @@ def plot(results: list[dict], path: str) -> str | None:
         ax.plot(smooth, label=f"{r['label']} (test acc {100 * r['accuracy']:.1f}%)", lw=1.2)
     ax.set_xlabel("training step")
     ax.set_ylabel("training loss")
-    ax.set_title("ViT on digits: backprop vs LDFA")
+    ax.set_title("wide MLP on digits: backprop vs LDFA")
     ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -116,18 +118,21 @@ def plot(results: list[dict], path: str) -> str | None:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="ldfa-hf demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--depth", type=int, default=3, help="hidden layers")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=".", help="folder for the plot (ldfa_demo.png)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long run, for the tests")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.epochs = 1
+        args.epochs, args.width = 1, 64
     results = []
     for method in ("bp", "ldfa"):
-        result = train(method, args.epochs, args.batch_size, args.seed, args.rank, args.tiny)
+        result = train(method, args)
         result["label"] = "backprop" if method == "bp" else f"LDFA svd r={args.rank}"
         results.append(result)
     bp_time = results[0]["step_s"]

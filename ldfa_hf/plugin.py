@@ -65,7 +65,7 @@ class LDFAPlugin:
                 "(build one with LDFAConfig(**values) or LDFAConfig.from_dict(values))"
             )
         self.config = config
-        self.rule = make_rule(config.rule)
+        self.rule = make_rule(config.rule).configure(config)
         self.switch = Switch()
         self.num_steps = 0
         self.steps_per_epoch: Optional[int] = None  # optimizer steps per epoch, if known ("auto" refresh)
@@ -226,11 +226,12 @@ class LDFAPlugin:
         self.num_steps += 1
         interval = self.refresh_interval
         refresh = self.rule.refreshes and interval is not None and self.num_steps % interval == 0
+        due = not refresh and self.num_steps % self.rule.interval(self.config) == 0
         if calibrated:
             self._calibrate()
-        elif self.rule.trains and not refresh:
+        elif self.rule.trains and due:
             self._descend()
-        elif self.rule.refits and not refresh and self.num_steps % self.config.refit_every == 0:
+        elif self.rule.refits and due:
             self._refit()
         self.reset_statistics()
         if refresh:
@@ -273,8 +274,8 @@ class LDFAPlugin:
         if self.rule.needs:
             self._average_statistics(hooks)
             hooks = [hook for hook in hooks if hook.samples > 0]  # skip layers unused since the last step
-        if self.rule.follows_weight:
-            hooks = [hook for hook in hooks if hook.weight_trains]
+        if self.rule.follows_weight:  # a frozen W keeps its SVD; unused feedback needs no tracking
+            hooks = [hook for hook in hooks if hook.weight_trains and hook.input_needs_grad]
         if not hooks:
             return
         grads = self.rule.all_gradients(hooks)

@@ -128,6 +128,14 @@ class Rule:
     def gradients(self, hook) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def configure(self, config) -> "Rule":
+        """Read the config settings that change how the rule works (most rules have none)."""
+        return self
+
+    def interval(self, config) -> int:
+        """Optimizer steps between two updates of the factors."""
+        return 1
+
     def work(self, layer: LayerCost, config) -> int:
         """Multiply-adds the rule itself spends per step on one layer (statistics and update)."""
         return 0
@@ -189,19 +197,18 @@ class DFA(Rule):
 class SVD(Rule):
     """P Q tracks the best rank-r approximation of W (the paper's v4 rule).
 
-    Every ``refit_every`` steps one alternating-least-squares sweep re-fits P Q to the
-    current W, warm-started from Q: ``U = orth(W Qᵀ)``, then the best rank-r factors of
-    ``U Uᵀ W`` (one block power iteration, 2·m·n·r multiply-adds). W moves little between
-    sweeps, so the fit stays close to the top-r subspace at a fraction of the cost of the
-    paper's AdamW step on ½‖PQ − W‖² every step, which remains available as the research
-    switch ``update = "descent"`` (set on ``plugin.rule`` before ``attach``).
+    By default AdamW descends ½‖PQ − W‖² every step, as the paper does. With
+    ``refit_every=k`` one alternating-least-squares sweep re-fits P Q to the current W
+    every k steps instead, warm-started from Q: ``U = orth(W Qᵀ)``, then the best rank-r
+    factors of ``U Uᵀ W`` (one block power iteration, 2·m·n·r multiply-adds, what one
+    descent step costs), so the rule's work drops k-fold.
     """
 
     name = "svd"
     label = "LDFA svd"
     refreshes = True
     follows_weight = True  # a frozen W (LoRA's base) keeps its truncated SVD from attach
-    update = "refit"
+    update = "descent"     # or "refit" (config.refit_every)
     lr = 0.015             # descent only
     weight_decay = 0.0
     grad_clip = 1.0
@@ -239,8 +246,14 @@ class SVD(Rule):
     def work(self, layer, config):
         if not (layer.weight_trains and layer.input_grad):  # frozen W or unused feedback: nothing to track
             return 0
-        every = 1 if self.trains else config.refit_every
-        return 2 * layer.m * layer.n * layer.r // every
+        return 2 * layer.m * layer.n * layer.r // self.interval(config)
+
+    def configure(self, config):
+        self.update = "descent" if config.refit_every is None else "refit"
+        return self
+
+    def interval(self, config):
+        return config.refit_every if self.refits else 1
 
     def all_gradients(self, hooks):
         return self._batched(hooks, self._descent)

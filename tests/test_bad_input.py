@@ -153,7 +153,7 @@ def test_zero3_partitioned_weight_is_refused_at_wrap():
 
 def test_weight_sharded_after_wrap_is_refused_at_step():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    plugin = ldfa_hf.wrap(model, LDFAConfig(refit_every=1))  # the svd rule re-fits to W at this step
+    plugin = ldfa_hf.wrap(model)
     model[1].weight.data = torch.empty(0)  # FSDP's flat-parameter view outside forward
     with pytest.raises(ValueError, match="needs the full weight of '1' outside forward, but it is empty here"):
         plugin.step()

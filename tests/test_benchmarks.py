@@ -13,7 +13,7 @@ from ldfa_hf import demo
 def test_demo_tiny_prints_table_and_writes_plot(tmp_path, capsys):
     results = demo.main(["--tiny", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "backprop" in out and "LDFA svd r=10" in out and "speed-up" in out
+    assert "backprop" in out and "LDFA svd r=16" in out and "speed-up" in out
     assert [r["method"] for r in results] == ["bp", "ldfa"]
     assert os.path.getsize(tmp_path / "ldfa_demo.png") > 1000
     bp, ldfa = results
@@ -27,7 +27,7 @@ def test_speed_tiny_reports_floor_rules_and_memory(tmp_path, capsys):
 
     out_csv = tmp_path / "speed.csv"
     (result,) = speed.main(["--tiny", "--cases", "mlp", "--out", str(out_csv)])
-    assert set(result["step_s"]) == set(speed.METHODS) == {"backprop", "floor", "svd", "local", "oja",
+    assert set(result["step_s"]) == set(speed.METHODS) == {"backprop", "floor", "svd", "svd-refit", "local", "oja",
                                                            "calibrated", "bp-rule"}
     memory = result["memory_bytes"]
     assert memory["bp-rule"] == memory["backprop"] > 0   # exact backprop through the hooks allocates the same

@@ -25,7 +25,7 @@ def test_summary_lists_layers_ranks_and_saving():
     N, mn = 64, 256 * 256
     # layer 0's input needs no gradient, so backprop skips it too and nothing is saved there
     assert cost["backward_bp"] == N * mn + 2 * N * mn + 2 * N * 2560
-    rule = 2 * 8 * (mn + 2560) // 4  # svd refit: 2·m·n·r per layer every 4 steps (not layer 0: its feedback is unused)
+    rule = 2 * 8 * (mn + 2560)  # svd descent: 2·m·n·r per layer and step (not layer 0: its feedback is unused)
     assert cost["backward_ldfa"] == N * mn + (N * mn + N * 8 * 512) + (N * 2560 + N * 8 * 266) + rule
     assert f"{100 * cost['backward_saved']:.1f}% saved" in text
 
@@ -104,7 +104,7 @@ def test_frozen_weights_cost_no_weight_gradient_and_no_svd_descent():
     cost, N = plugin.cost(), 32
     assert cost["backward_bp"] == N * 64 * 64 * 2 + N * 640 * 2  # frozen: only δ W, trained: δ W and δᵀx
     assert cost["backward_ldfa"] == 2 * N * 4 * 128 + N * 640 + N * 4 * 74 + cost["rule"]
-    assert cost["rule"] == 2 * 640 * 4 // 4  # the svd refit (every 4 steps) only for the trained head
+    assert cost["rule"] == 2 * 640 * 4  # the svd descent only for the trained head
 
 
 def test_svd_rule_leaves_factors_of_frozen_weights_at_their_svd():

@@ -44,7 +44,7 @@ def test_refit_runs_every_refit_every_steps_only():
     torch.manual_seed(0)
     layer = nn.Linear(32, 24)
     plugin = ldfa_hf.wrap(layer, LDFAConfig(rank=4, refit_every=3, refresh_every=None))
-    changed = []
+    changed = []  # (the default descent would move every step)
     for _ in range(6):
         before = factors(plugin, "")
         with torch.no_grad():
@@ -94,22 +94,23 @@ def test_non_finite_weight_skips_the_refit_and_counts_it():
     assert plugin.layers[""].skipped == 1
 
 
-def test_descent_switch_keeps_the_papers_per_step_adamw():
+def test_default_is_the_papers_per_step_adamw_descent():
     torch.manual_seed(0)
     layer = nn.Linear(32, 24)
-    plugin = ldfa_hf.LDFAPlugin(LDFAConfig(rank=4, refresh_every=None))
-    plugin.rule.update = "descent"
-    plugin.attach(layer)
+    plugin = ldfa_hf.wrap(layer, LDFAConfig(rank=4, refresh_every=None))
+    assert plugin.rule.update == "descent" and plugin.rule.trains and not plugin.rule.refits
     before = factors(plugin, "")
     with torch.no_grad():
         layer.weight.add_(0.1 * torch.randn_like(layer.weight))
-    plugin.step()  # step 1 of 4: the refit would wait, the descent moves at once
+    plugin.step()  # every step
     assert not torch.equal(before[0], factors(plugin, "")[0])
     assert ".P.exp_avg" in "".join(plugin.state_dict())  # AdamW state travels with the checkpoint
+    refit = ldfa_hf.wrap(nn.Linear(32, 24), LDFAConfig(rank=4, refit_every=4))
+    assert refit.rule.refits and not refit.rule.trains and not any("exp_avg" in k for k in refit.state_dict())
 
 
 def test_bad_refit_every_is_refused():
-    with pytest.raises(ValueError, match="refit_every must be an int >= 1"):
+    with pytest.raises(ValueError, match="refit_every must be None or an int >= 1"):
         LDFAConfig(refit_every=0)
 
 
