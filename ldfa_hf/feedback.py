@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .distributed import sharded_weight_reason
+from .distributed import full_tensor, is_dtensor, row_shard, sharded_weight_reason
 from .layers import LayerKind
 from .rules import factor_generator
 
@@ -240,15 +240,32 @@ class FeedbackHook:
         return self._module.weight.requires_grad
 
     def weight_matrix(self) -> Tensor:
-        """W as ``m × n``; refuses a weight that FSDP / ZeRO-3 has sharded away outside forward."""
-        reason = sharded_weight_reason(self._module.weight)
+        """W as ``m × n``. An FSDP2 shard is gathered (this one layer only, a collective: every
+        process must ask); a weight FSDP1 / ZeRO-3 has flattened away is refused."""
+        weight = self._module.weight
+        reason = sharded_weight_reason(weight)
         if reason is not None:
             raise ValueError(
                 f"LDFA needs the full weight of {self.name!r} outside forward, but {reason}. "
-                "FSDP / DeepSpeed ZeRO-3 are not supported yet by rules that read W (svd, and every "
-                "rule's refresh and stats()); use DDP, or rule='bp'."
+                "FSDP1 and DeepSpeed ZeRO-3 are not supported by rules that read W (svd, and every "
+                "rule's refresh and stats()); use FSDP2 (fully_shard), DDP, or rule='bp'."
             )
-        return self.kind.matrix(self._module).detach()
+        return self.kind.as_matrix(full_tensor(weight.detach()))
+
+    def weight_rows(self) -> Optional[tuple[Tensor, int]]:
+        """(the rows of W this process holds, index of the first) when FSDP2 shards W by rows."""
+        if not self.kind.dim0_is_rows:
+            return None
+        shard = row_shard(self._module.weight.detach())
+        if shard is None:
+            return None
+        local, start = shard
+        return self.kind.as_matrix(local), start
+
+    def local_weight(self) -> Tensor:
+        """What this process holds of W (all of it unless sharded), for checks that all-reduce."""
+        weight = self._module.weight.detach()
+        return weight.to_local() if is_dtensor(weight) else weight
 
     def follow_device(self, device: torch.device) -> None:
         """Factors live outside the model, so they follow its weight when it moves."""

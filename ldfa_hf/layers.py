@@ -31,6 +31,11 @@ class LayerKind(Protocol):
     def matrix(self, module: nn.Module) -> Tensor:
         """W as an ``m × n`` matrix (a view where possible)."""
 
+    def as_matrix(self, weight: Tensor) -> Tensor:
+        """A weight tensor (or the rows an FSDP2 shard holds) as rows of W."""
+
+    dim0_is_rows: bool  # the stored weight's dim 0 indexes W's rows (so an FSDP2 shard holds whole rows)
+
     def down(self, g: Tensor, P: Tensor) -> Tensor:
         """``z = δ P``: the r-dimensional error."""
 
@@ -65,9 +70,15 @@ class LinearKind:
     def shape(module: nn.Module) -> tuple[int, int]:
         return tuple(module.weight.shape)
 
+    dim0_is_rows = True
+
+    @classmethod
+    def matrix(cls, module: nn.Module) -> Tensor:
+        return cls.as_matrix(module.weight)
+
     @staticmethod
-    def matrix(module: nn.Module) -> Tensor:
-        return module.weight
+    def as_matrix(weight: Tensor) -> Tensor:
+        return weight
 
     @staticmethod
     def down(g: Tensor, P: Tensor) -> Tensor:
@@ -118,9 +129,11 @@ class Conv1DKind(LinearKind):
         n, m = module.weight.shape
         return (m, n)
 
+    dim0_is_rows = False  # stored n × m
+
     @staticmethod
-    def matrix(module: nn.Module) -> Tensor:
-        return module.weight.T
+    def as_matrix(weight: Tensor) -> Tensor:
+        return weight.T
 
     @staticmethod
     def exact(g: Tensor, module: nn.Module, x_shape: torch.Size) -> Tensor:
@@ -151,9 +164,15 @@ class Conv2dKind:
         c_out, c_in, kh, kw = module.weight.shape
         return (c_out, c_in * kh * kw)
 
+    dim0_is_rows = True
+
+    @classmethod
+    def matrix(cls, module: nn.Module) -> Tensor:
+        return cls.as_matrix(module.weight)
+
     @staticmethod
-    def matrix(module: nn.Module) -> Tensor:
-        return module.weight.reshape(module.weight.shape[0], -1)
+    def as_matrix(weight: Tensor) -> Tensor:
+        return weight.reshape(weight.shape[0], -1)
 
     @staticmethod
     def _kernel(Q: Tensor, module: nn.Module, dtype: torch.dtype) -> Tensor:

@@ -307,7 +307,7 @@ class LDFAPlugin:
         if not hooks:
             return
         # one fused check (a non-finite entry makes the norm non-finite), one sync: a non-finite W is skipped
-        finite = torch.stack(torch._foreach_norm([hook.weight_matrix() for hook in hooks])).isfinite().tolist()
+        finite = distributed.all_finite([hook.local_weight() for hook in hooks])
         for hook in [hook for hook, ok in zip(hooks, finite) if not ok]:
             self._skip(hook.name)
         hooks = [hook for hook, ok in zip(hooks, finite) if ok]

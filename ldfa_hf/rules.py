@@ -12,11 +12,22 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from . import distributed
+
 
 def factor_generator(seed: int, name: str, step: int) -> torch.Generator:
     """Same seed on every process and every run: the name's CRC, not Python's salted hash."""
     mixed = (seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + step) % (2**63 - 1)
     return torch.Generator().manual_seed(mixed)
+
+
+def canonical_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    """Flip each singular pair so that U's largest entry in the column is positive: the SVD
+    fixes a pair only up to sign, and this makes the factors a continuous function of W
+    (the same on every process and machine, whatever order W's sums were taken in)."""
+    pivot = U.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.where(U.gather(-2, pivot) < 0, -1.0, 1.0).to(U.dtype)
+    return U * signs, Vh * signs.mT
 
 
 def truncated_svd(W: Tensor, r: int, generator: torch.Generator, oversample: int = 8, power_iters: int = 2):
@@ -26,14 +37,16 @@ def truncated_svd(W: Tensor, r: int, generator: torch.Generator, oversample: int
     k = min(r + oversample, m, n)
     if 2 * k >= min(m, n):
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        return U[:, :r], S[:r], Vh[:r]
+        U, Vh = canonical_signs(U[:, :r], Vh[:r])
+        return U, S[:r], Vh
     sketch = torch.randn(n, k, generator=generator).to(W.device)
     Y = W @ sketch
     for _ in range(power_iters):
         Y = W @ (W.T @ torch.linalg.qr(Y).Q)
     basis = torch.linalg.qr(Y).Q
     Ub, S, Vh = torch.linalg.svd(basis.T @ W, full_matrices=False)
-    return (basis @ Ub)[:, :r], S[:r], Vh[:r]
+    U, Vh = canonical_signs((basis @ Ub)[:, :r], Vh[:r])
+    return U, S[:r], Vh
 
 
 def svd_factors(W: Tensor, r: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -237,8 +250,9 @@ class SVD(Rule):
         """One ALS sweep from Q, returned balanced (``P = U S^½``, ``Q = S^½ Vᵀ``); batched or not."""
         U = torch.linalg.qr(W @ Q.mT).Q
         Ub, S, Vh = torch.linalg.svd(U.mT @ W, full_matrices=False)
+        U, Vh = canonical_signs(U @ Ub, Vh)
         root = S.sqrt()
-        return ((U @ Ub) * root.unsqueeze(-2)).contiguous(), (root.unsqueeze(-1) * Vh).contiguous()
+        return (U * root.unsqueeze(-2)).contiguous(), (root.unsqueeze(-1) * Vh).contiguous()
 
     def gradients(self, hook):
         return self._descent(hook.weight_matrix().float(), hook.P, hook.Q)
@@ -256,11 +270,56 @@ class SVD(Rule):
         return config.refit_every if self.refits else 1
 
     def all_gradients(self, hooks):
+        shards = [hook.weight_rows() for hook in hooks]
+        if any(shard is not None for shard in shards):
+            return self._sharded_descent(hooks, shards)
         return self._batched(hooks, self._descent)
 
     def all_refits(self, hooks) -> list[tuple[Tensor, Tensor]]:
         """New (P, Q) for every hook, in order."""
+        shards = [hook.weight_rows() for hook in hooks]
+        if any(shard is not None for shard in shards):
+            return [self._sharded_refit(hook, shard) for hook, shard in zip(hooks, shards)]
         return self._batched(hooks, self._refit)
+
+    @staticmethod
+    def _sharded_descent(hooks, shards) -> list[tuple[Tensor, Tensor]]:
+        """The descent from FSDP2's row shards of W, no weight gathered: each process fills the
+        rows of ∇P it holds W for and its part of PᵀW (r × n); one all-reduce sums them."""
+        partial = []
+        for hook, shard in zip(hooks, shards):
+            P, Q = hook.P.detach(), hook.Q.detach()
+            W, start = shard if shard is not None else (hook.weight_matrix(), 0)
+            rows = slice(start, start + W.shape[0])
+            W = W.float()
+            grad_P = torch.zeros_like(P)
+            grad_P[rows] = P[rows] @ (Q @ Q.T) - W @ Q.T
+            PtW = P[rows].T @ W
+            if shard is None:  # a layer every process holds whole: nothing to sum
+                grad_P, PtW = grad_P / distributed.world_size(), PtW / distributed.world_size()
+            partial += [grad_P, PtW]
+        distributed.all_reduce_sum_(partial)
+        return [(grad_P, (hook.P.T @ hook.P) @ hook.Q - PtW)
+                for hook, grad_P, PtW in zip(hooks, partial[0::2], partial[1::2])]
+
+    @staticmethod
+    def _sharded_refit(hook, shard) -> tuple[Tensor, Tensor]:
+        """The ALS sweep from row shards: W Qᵀ (m × r) and Uᵀ W (r × n) are summed across processes."""
+        if shard is None:
+            return SVD._refit(hook.weight_matrix().float(), hook.P.detach(), hook.Q.detach())
+        W, start = shard
+        rows = slice(start, start + W.shape[0])
+        W = W.float()
+        WQ = torch.zeros_like(hook.P)
+        WQ[rows] = W @ hook.Q.detach().T
+        distributed.all_reduce_sum_([WQ])
+        U = torch.linalg.qr(WQ).Q
+        B = U[rows].T @ W
+        distributed.all_reduce_sum_([B])
+        Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
+        U, Vh = canonical_signs(U @ Ub, Vh)
+        root = S.sqrt()
+        return (U * root).contiguous(), (root[:, None] * Vh).contiguous()
 
     def _batched(self, hooks, fn) -> list[tuple[Tensor, Tensor]]:
         """``fn(W, P, Q)`` per hook. Small same-shaped layers share one batched call (per-call
@@ -467,15 +526,27 @@ class Calibrated(Rule):
             if hook.memory is not None:
                 sketch = sketch + self.memory * hook.memory.to(sketch.device)
             hook.memory = sketch
-        W = hook.weight_matrix().float()
-        if self.subspace == "input" and hook.rank >= min(W.shape):
+        if self.subspace == "input" and hook.rank >= min(hook.P.shape[0], hook.Q.shape[1]):
             # every δW lies in W's row space, which V can span whole: exact feedback, P Q = W
+            W = hook.weight_matrix().float()
             basis = torch.linalg.qr(W.T).Q if hook.rank < W.shape[1] else torch.eye(W.shape[1], device=W.device)
             return (W @ basis).contiguous(), basis.T.contiguous()
         basis, _ = top_subspace(sketch, omega, hook.rank)
         if self.subspace == "input":
-            return (W @ basis).contiguous(), basis.T.contiguous()
-        return basis.contiguous(), (basis.T @ W).contiguous()
+            return self._times_basis(hook, basis), basis.T.contiguous()
+        return basis.contiguous(), (basis.T @ hook.weight_matrix().float()).contiguous()
+
+    @staticmethod
+    def _times_basis(hook, basis: Tensor) -> Tensor:
+        """``W V`` (m × r); from FSDP2's row shards each process fills its rows (O(m·r) to sum)."""
+        shard = hook.weight_rows()
+        if shard is None:
+            return (hook.weight_matrix().float() @ basis).contiguous()
+        W, start = shard
+        out = torch.zeros(hook.P.shape, device=basis.device, dtype=torch.float32)
+        out[start:start + W.shape[0]] = W.float() @ basis
+        distributed.all_reduce_sum_([out])
+        return out
 
 
 RULES = {rule.name: rule for rule in (SVD, Local, Oja, Calibrated, Fixed, FA, DFA, BP)}
