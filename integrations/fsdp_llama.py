@@ -2,6 +2,8 @@
 
     torchrun --nproc_per_node 2 integrations/fsdp_llama.py --tiny                  # CPU, gloo
     torchrun --nproc_per_node 8 integrations/fsdp_llama.py --rule svd              # GPUs, nccl
+    accelerate launch --config_file integrations/fsdp2.yaml \
+        integrations/fsdp_llama.py --accelerate                                    # accelerate's FSDP2 (GPUs)
     python integrations/fsdp_llama.py --tiny                                       # one process
 
 Every decoder layer and the root are sharded (FSDP2's usual layout); ``--wrap after``
@@ -102,6 +104,22 @@ def save_result(path: str, model, plugin) -> None:
     save_file({k: v.contiguous().cpu() for k, v in plugin.state_dict().items()}, os.path.join(path, f"factors_rank{rank}.safetensors"))
 
 
+def held_megabytes(model, optimizer, plugin) -> dict:
+    """What this process holds, in MiB: its shards of the weights and gradients, the optimizer
+    state for them, and LDFA's factors (with their AdamW state)."""
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    def size(tensors):
+        return sum(local(t).numel() * local(t).element_size() for t in tensors) / 2**20
+
+    params = list(model.parameters())
+    optim = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+    ldfa = list(plugin.state_dict().values())
+    return {"weights": size(params), "grads": size([p.grad for p in params if p.grad is not None]),
+            "optimizer": size(optim), "ldfa": size(ldfa)}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rule", default="svd")
@@ -119,14 +137,22 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this step (to test resuming)")
     parser.add_argument("--save-dir", default=None, help="final weights and every process's factors")
+    parser.add_argument("--accelerate", action="store_true", help="shard through accelerate (launch with its config)")
+    parser.add_argument("--report-memory", action="store_true", help="print what each process holds after the run")
     args = parser.parse_args(argv)
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    if distributed:
+    accelerator = None
+    if args.accelerate:  # accelerate's FSDP plugin (from the launch config) shards in prepare()
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    elif distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = (accelerator.device if accelerator else
+              torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     model, vocab, seq = build(args.tiny, args.seed)
     model.to(device)
     config = ldfa_hf.LDFAConfig(rule=args.rule, rank=args.rank, seed=args.seed,
@@ -134,11 +160,15 @@ def main(argv=None) -> None:
                                 calibrate_every=args.calibrate_every)
     if args.wrap == "before":
         plugin = ldfa_hf.wrap(model, config)  # LDFA
-    if distributed:
+    if distributed and accelerator is None:
         shard(model)
-    if args.wrap == "after":
+    if args.wrap == "after" and accelerator is None:
         plugin = ldfa_hf.wrap(model, config)  # LDFA on the sharded model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    if accelerator is not None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if args.wrap == "after":
+            plugin = ldfa_hf.wrap(model, config)
     start = load_checkpoint(args.checkpoint, model, optimizer, plugin) if args.resume else 0
 
     for step, ids in enumerate(batches(vocab, seq, args.global_batch, args.steps, args.seed), start=1):
@@ -146,8 +176,12 @@ def main(argv=None) -> None:
             continue  # the data stream is replayed up to the checkpoint
         ids = ids.to(device)
         loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        accelerator.backward(loss) if accelerator else loss.backward()
         optimizer.step()
+        if args.report_memory and step == args.steps:
+            held = held_megabytes(model, optimizer, plugin)
+            print(f"rank {dist.get_rank() if distributed else 0} holds (MiB): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in held.items()), flush=True)
         optimizer.zero_grad(set_to_none=True)
         plugin.step()  # LDFA: after the optimizer step
         if args.save_every and step % args.save_every == 0:
