@@ -59,7 +59,7 @@ def train_classifier(model: nn.Module, train: tuple, test: tuple, method: str, r
     steps_per_epoch = len(y_train) // batch_size
     plugin = attach(model, method, rank, seed, refresh_every=max(1, steps_per_epoch // 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    curve, step_s = fit(model, x_train, y_train, optimizer, plugin, epochs, batch_size, seed)
+    (curve,), (step_s,) = fit([(model, optimizer, plugin)], x_train, y_train, epochs, batch_size, seed)
     return {"accuracy": accuracy(model, x_test, y_test), "curve": curve, "step_s": statistics.median(step_s[5:] or step_s),
             "plugin": plugin}
 
