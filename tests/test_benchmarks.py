@@ -13,7 +13,7 @@ from ldfa_hf import demo
 def test_demo_tiny_prints_table_and_writes_plot(tmp_path, capsys):
     results = demo.main(["--tiny", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "backprop" in out and "LDFA svd r=16" in out and "speed-up" in out
+    assert "backprop" in out and "LDFA svd r=10" in out and "speed-up" in out
     assert [r["method"] for r in results] == ["bp", "ldfa"]
     assert os.path.getsize(tmp_path / "ldfa_demo.png") > 1000
     bp, ldfa = results
