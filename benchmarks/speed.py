@@ -22,7 +22,7 @@ gradients and optimizer state (CUDA: max allocated; CPU: the live tensors the st
 counted by ``TensorMemory``).
 
     python -m benchmarks.speed                  # mlp, llama and llama-lora, 5 repetitions
-    python -m benchmarks.speed --compile        # also torch.compile (inductor) and LDFA's graph breaks
+    python -m benchmarks.speed --compile        # torch.compile (inductor): backprop vs svd, and LDFA's graph breaks
     python -m benchmarks.speed --bf16           # under bf16 autocast
     python -m benchmarks.speed --phases         # where the time goes: forward, backward, optimizer, plugin
     python -m benchmarks.speed --sweep          # mlp and mlp-lora over widths 512–4096 × ranks 8–128, with plot
@@ -436,7 +436,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None, help="CSV file to append results to")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd backprop and svd")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile'd (inductor) backprop and svd instead")
     parser.add_argument("--bf16", action="store_true", help="run the forward under bf16 autocast")
     parser.add_argument("--phases", action="store_true", help="per-phase medians (forward, backward, optimizer, plugin) instead")
     parser.add_argument("--no-memory", action="store_true", help="time only (skip the extra, tracked steps that measure memory)")
@@ -456,10 +456,7 @@ def main(argv=None):
         return [phase_table(case, args.rank, args.reps, args.warmup, args.tiny, args.device) for case in args.cases]
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} rank={args.rank} "
           f"(step = mean over {CYCLE} steps, median of {args.reps} rounds)")
-    results = table(args, args.cases, bf16=args.bf16, out=args.out)
-    if args.compile:
-        results += table(args, args.cases, compiled=True, bf16=args.bf16, out=args.out)
-    return results
+    return table(args, args.cases, compiled=args.compile, bf16=args.bf16, out=args.out)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ class LDFAPlugin:
         if not self._pending:
             self._sync_once()
         self._schedule()
+        compiled_code_sees_hooks()
         return self
 
     def _init_factors(self, hooks: Mapping[str, FeedbackHook]) -> None:
@@ -186,6 +187,7 @@ class LDFAPlugin:
         for hook in self._hooks.values():
             hook.remove()
         self._hooks, self._targets, self._model, self._optimizer = {}, {}, None, None
+        compiled_code_sees_hooks()
 
     def _make_optimizer(self) -> Optional[torch.optim.Optimizer]:
         if not self.rule.trains:
@@ -533,6 +535,24 @@ class LDFAPlugin:
     def __repr__(self) -> str:
         where = f"{len(self._hooks)} layers" if self._hooks else "detached"
         return f"LDFAPlugin(rule={self.config.rule!r}, rank={self.config.rank}, {where}, step={self.num_steps})"
+
+
+def compiled_code_sees_hooks() -> None:
+    """Make ``torch.compile`` notice LDFA's hooks being added or removed.
+
+    TorchDynamo does not guard on module hooks by default (``skip_nnmodule_hook_guards``), so
+    a model compiled before ``attach`` (or another model of the same structure compiled in
+    the process) would keep running its hook-free graph: exact backprop, silently. From the
+    first ``attach`` on, hooks are guarded; graphs compiled before it are dropped once.
+    """
+    try:
+        import torch._dynamo as dynamo
+    except ImportError:  # pragma: no cover
+        return
+    config = dynamo.config
+    if getattr(config, "skip_nnmodule_hook_guards", False):
+        config.skip_nnmodule_hook_guards = False
+        dynamo.reset()  # graphs guarded without hooks cannot see ours
 
 
 def load_state_file(path: Union[str, os.PathLike]) -> dict[str, Tensor]:

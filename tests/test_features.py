@@ -175,3 +175,37 @@ def test_dfa_under_gradient_checkpointing_matches_plain():
     expected, got = param_grads(model, batch), param_grads(checkpointed, batch)
     for key in expected:
         assert rel_err(got[key], expected[key]) < 1e-5, key
+
+
+def _compile_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 8))
+
+
+def _input_grad(model, x):
+    x = x.detach().clone().requires_grad_(True)
+    model(x).sum().backward()
+    return x.grad
+
+
+def test_torch_compile_sees_hooks_added_and_removed_after_compiling():
+    """Dynamo does not guard module hooks by default: a graph compiled without LDFA (another
+    model of the same structure, or this one before wrapping) must not be reused with LDFA on."""
+    x = torch.randn(4, 16)
+    exact = _input_grad(_compile_model(), x)
+    eager = _compile_model()
+    ldfa_hf.wrap(eager, LDFAConfig(rank=2))
+    expected = _input_grad(eager, x)
+    assert not torch.allclose(expected, exact)
+    plain = torch.compile(_compile_model(), backend="aot_eager")
+    torch.testing.assert_close(_input_grad(plain, x), exact)  # compiled before any LDFA model exists
+    model = _compile_model()
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(_input_grad(compiled, x), exact)  # this one too, still unwrapped
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rank=2))
+    torch.testing.assert_close(_input_grad(compiled, x), expected)
+    other = _compile_model()
+    ldfa_hf.wrap(other, LDFAConfig(rank=2))
+    torch.testing.assert_close(_input_grad(torch.compile(other, backend="aot_eager"), x), expected)
+    plugin.detach()
+    torch.testing.assert_close(_input_grad(compiled, x), exact)
