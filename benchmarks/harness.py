@@ -49,7 +49,7 @@ def logits_of(output) -> torch.Tensor:
 
 
 def train_classifier(model: nn.Module, train: tuple, test: tuple, method: str, rank: int, seed: int, epochs: int,
-                     batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 1e-4) -> dict:
+                     batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 1e-4, **config) -> dict:
     """Train with AdamW and cross-entropy; LDFA refreshes its SVD every half epoch (as the authors do).
 
     Returns test accuracy, the per-step training losses, the median step time (after five
@@ -57,7 +57,7 @@ def train_classifier(model: nn.Module, train: tuple, test: tuple, method: str, r
     """
     (x_train, y_train), (x_test, y_test) = train, test
     steps_per_epoch = len(y_train) // batch_size
-    plugin = attach(model, method, rank, seed, refresh_every=max(1, steps_per_epoch // 2))
+    plugin = attach(model, method, rank, seed, refresh_every=max(1, steps_per_epoch // 2), **config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     (curve,), (step_s,) = fit([(model, optimizer, plugin)], x_train, y_train, epochs, batch_size, seed)
     return {"accuracy": accuracy(model, x_test, y_test), "curve": curve, "step_s": statistics.median(step_s[5:] or step_s),

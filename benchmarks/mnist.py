@@ -76,6 +76,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--train-examples", type=int, default=None)
     parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/mnist_<model>.csv)")
+    parser.add_argument("--refit-every", type=int, default=None, help="LDFAConfig.refit_every (svd: ALS refits)")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
     examples, epochs = SIZES[args.model]
@@ -92,7 +93,8 @@ def main(argv=None) -> list[dict]:
 
     def run(cell: dict) -> dict:
         torch.manual_seed(cell["seed"])
-        result = train_classifier(build(args.model), train, test, cell["method"], cell["rank"], cell["seed"], epochs)
+        result = train_classifier(build(args.model), train, test, cell["method"], cell["rank"], cell["seed"], epochs,
+                                  **({"refit_every": args.refit_every} if args.refit_every else {}))
         return {"test_accuracy": f"{result['accuracy']:.4f}"}
 
     todo = [dict(common, **c) for c in cells(args.model, args.ranks, args.seeds, args.sweep_seeds)]

@@ -50,13 +50,14 @@ def validation_loss(model, blocks: torch.Tensor, batch_size: int = 64) -> tuple[
 
 
 def train_lm(method: str, rank: int, seed: int, steps: int, data, vocab_size: int, batch_size: int = 16,
-             lr: float = 3e-3, eval_every: int = 100, val_blocks: int = 256, tiny: bool = False) -> dict:
+             lr: float = 3e-3, eval_every: int = 100, val_blocks: int = 256, tiny: bool = False,
+             config: dict | None = None) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     train, val = data["train"][:]["input_ids"], data["validation"][:val_blocks]["input_ids"]
     torch.manual_seed(seed)
     model = build(vocab_size, train.shape[1], tiny)
-    plugin = attach(model, method, rank, seed, refresh_every=max(1, steps // 8))
+    plugin = attach(model, method, rank, seed, refresh_every=max(1, steps // 8), **(config or {}))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=max(1, steps // 20), num_training_steps=steps)
     gen = torch.Generator().manual_seed(seed)
@@ -102,12 +103,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seeds", type=int, default=3, help="seeds for bp and LDFA r=64")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--out", default=os.path.join(RESULTS, "shakespeare_lm.csv"))
+    parser.add_argument("--refit-every", type=int, default=None, help="LDFAConfig.refit_every (svd: ALS refits)")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
-    extra = {}
+    extra = {"config": {"refit_every": args.refit_every}} if args.refit_every else {}
     if args.tiny:
         args.ranks, args.seeds, args.steps = [8, 64], 1, 4
-        extra = {"eval_every": 2, "val_blocks": 8, "tiny": True}
+        extra.update(eval_every=2, val_blocks=8, tiny=True)
     data, vocab = load_shakespeare_chars(block=32 if args.tiny else 128)
     table = ResultTable(args.out, FIELDS, key=["method", "rank", "seed", "steps"])
     todo = [{"method": m, "rank": r, "seed": s, "steps": args.steps}

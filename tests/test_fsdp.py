@@ -68,3 +68,19 @@ def test_fsdp2_checkpoint_resumes_bit_identically(tmp_path):
     launch(tmp_path / "resumed", "--rule", "svd", "--checkpoint", str(ckpt), "--resume")
     for name in ("weights.safetensors", "factors_rank0.safetensors", "factors_rank1.safetensors"):
         assert_same(load_file(tmp_path / "resumed" / name), load_file(tmp_path / "straight" / name), tol=0)
+
+
+def test_fsdp2_runs_every_other_rule_and_stats(tmp_path):
+    worker = os.path.join(ROOT, "tests", "fsdp_rules_worker.py")
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), worker, str(tmp_path)]
+    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    import json
+
+    errors = [json.loads((tmp_path / f"errors_rank{r}.json").read_text()) for r in (0, 1)]
+    assert errors[0] == errors[1]
+    assert all(0 < errors[0][rule] < 2 for rule in ("oja", "fixed", "fa"))  # PQ stands in for the gathered W
+    assert errors[0]["dfa"] != errors[0]["dfa"]  # nan: dfa has no P Q standing in for W
+    for rule in ("oja", "fixed", "fa", "dfa"):
+        assert_same(load_file(tmp_path / f"{rule}_rank0.safetensors"), load_file(tmp_path / f"{rule}_rank1.safetensors"), 0)

@@ -1,0 +1,41 @@
+"""Run by test_fsdp.py under torchrun: every remaining rule on a sharded tiny Llama for a few
+steps, then ``stats()`` (a collective), writing each rank's factors and feedback errors."""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "integrations"))
+import fsdp_llama  # noqa: E402
+
+import ldfa_hf  # noqa: E402
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    errors = {}
+    for rule in ("oja", "fixed", "fa", "dfa"):
+        model, vocab, seq = fsdp_llama.build(tiny=True, seed=0)
+        fsdp_llama.shard(model)
+        plugin = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rule=rule, rank=4, refresh_every=2))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for ids in fsdp_llama.batches(vocab, seq, global_batch=4, steps=3, seed=0):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            plugin.step()
+        errors[rule] = plugin.stats()["mean_feedback_error"]
+        save_file({k: v.contiguous() for k, v in plugin.state_dict().items()},
+                  os.path.join(out, f"{rule}_rank{rank}.safetensors"))
+    with open(os.path.join(out, f"errors_rank{rank}.json"), "w") as fh:
+        json.dump(errors, fh)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
