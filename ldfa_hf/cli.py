@@ -15,7 +15,7 @@ EXPERIMENTS = {
     "minilm_genres": "e: MiniLM fine-tuning (full and LoRA; --task genres | pydoc), calibrated variants",
     "minilm_subspace": "e: how much input gradient a fixed rank-r feedback keeps on unseen batches",
     "convnext_transfer": "ConvNeXt pretrained on digits 0-4, fine-tuned on 5-9: bp, svd, calibrated, fixed",
-    "speed": "f: step time and memory vs backprop (--sweep: widths x ranks, pretraining and LoRA)",
+    "speed": "f: step time, share of the floor's saving and memory vs backprop (--sweep, --compile, --gpu-suite)",
 }
 
 
