@@ -33,7 +33,8 @@ import ldfa_hf
 def build(tiny: bool, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, inter, layers, heads, vocab, seq = (32, 64, 2, 4, 96, 16) if tiny else (512, 1376, 8, 8, 8000, 256)
+    # tiny: a vocabulary of 97 splits the head's rows unevenly (49 + 48), as real vocabularies do
+    hidden, inter, layers, heads, vocab, seq = (32, 64, 2, 4, 97, 16) if tiny else (512, 1376, 8, 8, 8000, 256)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq)
