@@ -18,42 +18,39 @@ def world_size() -> int:
     return 1
 
 
+def _flat(tensors: list[Tensor], collective, dtype: torch.dtype | None = None) -> None:
+    """Run ``collective`` on all ``tensors`` as one flat buffer (in ``dtype``) and copy the result back."""
+    flat = torch.cat([t.reshape(-1) if dtype is None else t.reshape(-1).to(dtype) for t in tensors])
+    collective(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def average_(tensors: list[Tensor]) -> None:
-    """In-place mean across processes, as one flat all-reduce."""
+    """In-place mean across processes, as one flat all-reduce in float32."""
     size = world_size()
     if size == 1 or not tensors:
         return
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= size
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
 
+    def mean(flat: Tensor) -> None:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= size
 
-def broadcast_(tensors: list[Tensor], src: int = 0) -> None:
-    """Rank ``src``'s values everywhere (one flat broadcast)."""
-    if world_size() == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.broadcast(flat, src=src)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+    _flat(tensors, mean, dtype=torch.float32)
 
 
 def all_reduce_sum_(tensors: list[Tensor]) -> None:
     """In-place sum across processes, as one flat all-reduce."""
-    if world_size() == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+    if world_size() > 1 and tensors:
+        _flat(tensors, lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
+
+
+def broadcast_(tensors: list[Tensor], src: int = 0) -> None:
+    """Rank ``src``'s values everywhere (one flat broadcast)."""
+    if world_size() > 1 and tensors:
+        _flat(tensors, lambda flat: dist.broadcast(flat, src=src))
 
 
 def is_dtensor(weight: Tensor) -> bool:

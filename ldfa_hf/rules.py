@@ -249,7 +249,12 @@ class SVD(Rule):
     def _refit(W: Tensor, P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
         """One ALS sweep from Q, returned balanced (``P = U S^½``, ``Q = S^½ Vᵀ``); batched or not."""
         U = torch.linalg.qr(W @ Q.mT).Q
-        Ub, S, Vh = torch.linalg.svd(U.mT @ W, full_matrices=False)
+        return SVD._balanced(U, U.mT @ W)
+
+    @staticmethod
+    def _balanced(U: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """(P, Q) = (U U_B S^½, S^½ V_Bᵀ) for ``U B`` with orthonormal U: the best rank-r factors, split evenly."""
+        Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
         U, Vh = canonical_signs(U @ Ub, Vh)
         root = S.sqrt()
         return (U * root.unsqueeze(-2)).contiguous(), (root.unsqueeze(-1) * Vh).contiguous()
@@ -316,10 +321,7 @@ class SVD(Rule):
         U = torch.linalg.qr(WQ).Q
         B = U[rows].T @ W
         distributed.all_reduce_sum_([B])
-        Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
-        U, Vh = canonical_signs(U @ Ub, Vh)
-        root = S.sqrt()
-        return (U * root).contiguous(), (root[:, None] * Vh).contiguous()
+        return SVD._balanced(U, B)
 
     def _batched(self, hooks, fn) -> list[tuple[Tensor, Tensor]]:
         """``fn(W, P, Q)`` per hook. Small same-shaped layers share one batched call (per-call
