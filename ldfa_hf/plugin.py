@@ -276,8 +276,8 @@ class LDFAPlugin:
         if self.rule.needs:
             self._average_statistics(hooks)
             hooks = [hook for hook in hooks if hook.samples > 0]  # skip layers unused since the last step
-        if self.rule.follows_weight:  # a frozen W keeps its SVD; unused feedback needs no tracking
-            hooks = [hook for hook in hooks if hook.weight_trains and hook.input_needs_grad]
+        if self.rule.follows_weight:
+            hooks = self._tracking(hooks)
         if not hooks:
             return
         grads = self.rule.all_gradients(hooks)
@@ -301,11 +301,15 @@ class LDFAPlugin:
         for hook in hooks:
             hook.P.grad = hook.Q.grad = None
 
+    @staticmethod
+    def _tracking(hooks: list[FeedbackHook]) -> list[FeedbackHook]:
+        """The layers whose factors follow W: a frozen W keeps its SVD from attach, and a layer
+        whose input needs no gradient (a model's first layer) never uses its feedback."""
+        return [hook for hook in hooks if hook.weight_trains and hook.input_needs_grad]
+
     def _refit(self) -> None:
         """Re-fit the factors of every layer whose weight trains; non-finite results are skipped."""
-        # a layer whose input needs no gradient (a model's first layer) never uses its feedback
-        hooks = [hook for hook in self._hooks.values()
-                 if hook.P is not None and hook.weight_trains and hook.input_needs_grad]
+        hooks = self._tracking([hook for hook in self._hooks.values() if hook.P is not None])
         if not hooks:
             return
         # one fused check (a non-finite entry makes the norm non-finite), one sync: a non-finite W is skipped
