@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import cache_dir, load_mnist
-from .harness import RESULTS, ResultTable, summary_table, train_classifier
+from .harness import ResultTable, out_path, summary_table, train_classifier
 
 FIELDS = ["method", "rank", "seed", "epochs", "train_examples", "test_accuracy", "seconds"]
 METHODS = (("bp", 0), ("svd", 10), ("calibrated", 10), ("fixed", 10))
@@ -74,9 +74,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs on digits 5-9")
     parser.add_argument("--train-examples", type=int, default=5000, help="fine-tuning examples of digits 5-9")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "convnext_transfer.csv"))
+    parser.add_argument("--out", default=None, help="CSV (default benchmarks/results/convnext_transfer.csv; --tiny: a temp folder)")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
+    args.out = out_path(args.out, "convnext_transfer.csv", args.tiny)
     pretrain_examples, pretrain_epochs, test_limit = None, PRETRAIN_EPOCHS, None
     if args.tiny:
         args.seeds, args.epochs, args.train_examples = 1, 1, 256

@@ -18,9 +18,21 @@ from torch import nn
 
 import ldfa_hf
 from ldfa_hf.demo import fit
-from ldfa_hf.rules import RULES
+from ldfa_hf.rules import RULES, rule_class
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def out_path(given: str | None, filename: str, tiny: bool) -> str:
+    """Where a benchmark writes: ``given``, else the committed results folder; a tiny (smoke) run
+    never writes there by default, it gets a fresh temporary folder."""
+    if given:
+        return given
+    if tiny:
+        import tempfile
+
+        return os.path.join(tempfile.mkdtemp(prefix="ldfa_tiny_"), filename)
+    return os.path.join(RESULTS, filename)
 # "bp" here is the model as it is (plain autograd); every other name is an LDFAConfig.rule
 LABELS = {"bp": "backprop", **{name: rule.label for name, rule in RULES.items() if name != "bp"}}
 METHODS = tuple(LABELS)
@@ -40,8 +52,9 @@ def attach(model: nn.Module, method: str, rank: int, seed: int, refresh_every: i
     """Wrap ``model`` for ``method`` (None for ``bp``: backprop is the model as it is)."""
     if method == "bp":
         return None
-    return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rule=method, rank=max(rank, 1), seed=seed,
-                                                  refresh_every=refresh_every, **config))
+    if "refresh_every" in rule_class(method).settings:  # the rules that refresh from W
+        config["refresh_every"] = refresh_every
+    return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rule=method, rank=max(rank, 1), seed=seed, **config))
 
 
 def logits_of(output) -> torch.Tensor:

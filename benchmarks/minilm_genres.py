@@ -29,7 +29,7 @@ import ldfa_hf
 from ldfa_hf.metrics import Accuracy
 
 from .data import load_pydoc_topics, load_shakespeare_genres, minilm_path
-from .harness import RESULTS, ResultTable, attach, plot_curves, select
+from .harness import ResultTable, attach, out_path, plot_curves, select
 
 FIELDS = ["mode", "method", "rank", "variant", "seed", "train_examples", "test_accuracy", "backward_saved", "step_ms",
           "loss_curve", "seconds"]
@@ -67,11 +67,10 @@ def variant_settings(variant: str) -> tuple[dict, dict]:
 
 
 def attach_variant(model, method: str, rank: int, seed: int, variant: str, refresh_every):
-    config, switches = variant_settings(variant)
-    plugin = attach(model, method, rank, seed, refresh_every=refresh_every, **config)
-    for key, value in switches.items():
-        setattr(plugin.rule, key, value)
-    return plugin
+    config, options = variant_settings(variant)
+    if options:
+        config["rule_options"] = options
+    return attach(model, method, rank, seed, refresh_every=refresh_every, **config)
 
 
 class StepTimer(TrainerCallback):
@@ -138,9 +137,9 @@ def backward_saving(mode: str, method: str, rank: int, variant: str, data, batch
     model(**batch).loss.backward()
     cost = plugin.cost()
     ldfa = cost["backward_ldfa"]
-    if plugin.rule.calibrates:  # exact steps as counted in this run, the rest plain LDFA steps
+    if plugin.config.rule == "calibrated":  # exact steps as counted in this run, the rest plain LDFA steps
         config, every = plugin.config, plugin.config.calibrate_every
-        exact_steps = sum(plugin.rule.due(step, every) for step in range(steps))
+        exact_steps = sum(plugin.rule.due(step) for step in range(steps))
         plugin.config = dataclasses.replace(config, calibrate_every=1)
         calibration = plugin.cost()["backward_ldfa"]
         plugin.config = dataclasses.replace(config, calibrate_every=10**12)
@@ -209,7 +208,7 @@ def main(argv=None) -> list[dict]:
                              "runs no new cell")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
-    args.out = args.out or os.path.join(RESULTS, f"minilm_{args.task}.csv")
+    args.out = out_path(args.out, f"minilm_{args.task}.csv", args.tiny)
     max_length = 64
     if args.tiny:
         args.seeds, args.train_examples, args.test_examples, max_length = 1, 32, 16, 32

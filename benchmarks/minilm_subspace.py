@@ -26,7 +26,7 @@ import statistics
 
 import torch
 
-from .harness import RESULTS
+from .harness import out_path
 from .minilm_genres import model_for, num_labels, tokenized
 
 
@@ -94,9 +94,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--task", default="pydoc", choices=["genres", "pydoc"])
     parser.add_argument("--ranks", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--pooled", type=int, default=8, help="batches pooled for the second fit")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "minilm_subspace.csv"))
+    parser.add_argument("--out", default=None, help="CSV (default benchmarks/results/minilm_subspace.csv; --tiny: a temp folder)")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
+    args.out = out_path(args.out, "minilm_subspace.csv", args.tiny)
     if args.tiny:
         args.ranks, args.pooled = [4], 2
     rows = measure(args.task, args.ranks, args.pooled, args.tiny)

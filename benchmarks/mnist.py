@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .data import load_mnist
-from .harness import RESULTS, ResultTable, method_cells, plot_rank_sweep, summary_table, train_classifier
+from .harness import ResultTable, out_path, method_cells, plot_rank_sweep, summary_table, train_classifier
 
 RANKS = (1, 2, 5, 10, 20, 64)
 CLASSES = 10
@@ -84,7 +84,7 @@ def main(argv=None) -> list[dict]:
     test_limit = None
     if args.tiny:
         args.ranks, args.seeds, args.sweep_seeds, epochs, examples, test_limit = [2, 10], 1, 1, 1, 256, 256
-    out = args.out or os.path.join(RESULTS, f"mnist_{args.model}.csv")
+    out = out_path(args.out, f"mnist_{args.model}.csv", args.tiny)
     table = ResultTable(out, FIELDS, key=["model", "method", "rank", "seed", "epochs", "train_examples"])
     mnist = load_mnist()  # to tensors once: indexing a formatted Dataset per cell is slow
     train = (mnist["train"]["pixel_values"][:examples], mnist["train"]["labels"][:examples])

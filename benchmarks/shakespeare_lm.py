@@ -21,7 +21,7 @@ import torch
 from ldfa_hf.metrics import Perplexity
 
 from .data import load_shakespeare_chars
-from .harness import LABELS, RESULTS, ResultTable, attach, mean_of, plot_curves, plot_rank_sweep, select, summary_table
+from .harness import LABELS, ResultTable, out_path, attach, mean_of, plot_curves, plot_rank_sweep, select, summary_table
 
 FIELDS = ["method", "rank", "seed", "steps", "val_loss", "val_perplexity", "val_curve", "seconds"]
 HEADLINE_RANK = 64
@@ -102,10 +102,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--seeds", type=int, default=3, help="seeds for bp and LDFA r=64")
     parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--out", default=os.path.join(RESULTS, "shakespeare_lm.csv"))
+    parser.add_argument("--out", default=None, help="CSV (default benchmarks/results/shakespeare_lm.csv; --tiny: a temp folder)")
     parser.add_argument("--refit-every", type=int, default=None, help="LDFAConfig.refit_every (svd: ALS refits)")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
+    args.out = out_path(args.out, "shakespeare_lm.csv", args.tiny)
     extra = {"config": {"refit_every": args.refit_every}} if args.refit_every else {}
     if args.tiny:
         args.ranks, args.seeds, args.steps = [8, 64], 1, 4

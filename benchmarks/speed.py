@@ -45,34 +45,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import ldfa_hf
-from ldfa_hf.rules import Fixed
+from benchmarks.floor import Floor  # noqa: F401  (registers rule="floor")
 
 RULES = ("svd", "svd-refit", "local", "oja", "calibrated")
 METHODS = ("backprop", "floor", *RULES, "bp-rule")
 CYCLE = 4  # steps per timed sample: one svd-refit sweep and one calibration step (calibrate_every=4) in each
 
 
-class Floor(Fixed):
-    """The floor: the hooks' weight-gradient path with a zero input gradient (no feedback work)."""
-
-    name = "floor"
-    label = "floor (zero feedback)"
-
-    def feedback(self, kind, module, g, P, Q, x_shape, need_gx, need_z):
-        return (g.new_zeros(x_shape) if need_gx else None), None
-
-
 def attach(model: nn.Module, method: str, rank: int):
     """The plugin for ``method`` (``None`` for plain backprop)."""
     if method == "backprop":
         return None
-    if method == "floor":
-        plugin = ldfa_hf.LDFAPlugin(ldfa_hf.LDFAConfig(rank=rank, rule="fixed"))
-        plugin.rule = Floor()
-        return plugin.attach(model)
     if method == "svd-refit":
         return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="svd", refit_every=CYCLE))
-    return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="bp" if method == "bp-rule" else method))
+    return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="bp" if method == "bp-rule" else method))  # floor too
 
 
 CASES = ("mlp", "llama", "mlp-lora", "llama-lora")
@@ -290,9 +276,9 @@ SWEEP_FIELDS = ["case", "device", "width", "rank", "tokens", "reps", "backprop_m
 
 def sweep(args) -> list[dict]:
     """Speed-up and memory ratio over widths × ranks, for pretraining (mlp) and LoRA (mlp-lora)."""
-    from .harness import RESULTS, ResultTable
+    from .harness import ResultTable, out_path
 
-    out = args.out or os.path.join(RESULTS, "speed_sweep.csv")
+    out = out_path(args.out, "speed_sweep.csv", args.tiny)
     table = ResultTable(out, SWEEP_FIELDS, key=["case", "device", "width", "rank", "reps"])
     for case in ("mlp", "mlp-lora"):
         for width in args.widths:

@@ -22,7 +22,7 @@ from torch import nn
 
 import ldfa_hf
 
-from .harness import RESULTS, ResultTable, _pyplot, mean_of, save_figure
+from .harness import ResultTable, _pyplot, mean_of, out_path, save_figure
 
 FIELDS = ["d", "method", "rank", "seed", "steps", "test_nmse", "seconds"]
 
@@ -96,9 +96,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--out", default=os.path.join(RESULTS, "teacher_student.csv"))
+    parser.add_argument("--out", default=None, help="CSV (default benchmarks/results/teacher_student.csv; --tiny: a temp folder)")
     parser.add_argument("--tiny", action="store_true", help="one d, one seed, few steps")
     args = parser.parse_args(argv)
+    args.out = out_path(args.out, "teacher_student.csv", args.tiny)
     if args.tiny:
         args.dims, args.seeds, args.steps = [2], 1, 30
     table = ResultTable(args.out, FIELDS, key=["d", "method", "rank", "seed", "steps"])

@@ -15,12 +15,19 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from .rules import RULES
+from . import rules
 
 CONFIG_NAME = "ldfa_config.json"
 AUTO_REFRESH_FALLBACK = 500  # refresh_every="auto" when the epoch length is unknown
-# the names of ``rules.RULES``, for type checkers (a test keeps the two equal)
-RuleName = Literal["svd", "local", "oja", "calibrated", "fixed", "fa", "dfa", "bp"]
+# the built-in rule names, for type checkers (a test keeps them equal to ``rules.BUILTIN``);
+# any name given to ``register_rule`` is accepted too
+RuleName = Literal["svd", "local", "oja", "calibrated", "streaming", "fixed", "fa", "dfa", "bp"]
+# LDFAConfig fields only some rules read (``Rule.settings``): setting one the rule ignores warns
+RULE_SETTINGS = ("refit_every", "calibrate_every", "feedback_lr", "feedback_weight_decay")
+
+
+# LDFAConfig.for_finetuning(): measured on SmolLM2-135M LoRA and MiniLM (RESULTS.md g, e)
+FINETUNING: dict = {"rule": "streaming", "rank": 32, "exclude_modules": ["lm_head"]}
 
 
 class LDFAWarning(UserWarning):
@@ -90,6 +97,8 @@ class LDFAConfig:
         error_clip: clamp the propagated error to ``±error_clip``; ``"auto"``
             takes the rule's default (1.0 for ``oja``, none otherwise).
         seed: seeds factor initialisation and randomised SVDs (same on every process).
+        rule_options: settings of the chosen rule itself (``Rule.options``), checked by the rule,
+            e.g. ``{"subspace": "output"}`` for ``calibrated``; saved with the plugin.
 
     Example:
         >>> cfg = LDFAConfig(rank=10, rule="svd", exclude_modules=["classifier"])
@@ -110,6 +119,7 @@ class LDFAConfig:
     feedback_weight_decay: Optional[float] = None
     error_clip: Union[float, str, None] = "auto"
     seed: int = 0
+    rule_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -129,8 +139,10 @@ class LDFAConfig:
                 raise ValueError(f"rank_pattern key {key!r} is not a valid regular expression: {err}") from None
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive int; got {value!r}")
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {', '.join(RULES)}; got {self.rule!r}")
+        rule = rules.rule_class(self.rule)  # unknown names list the known ones
+        if not isinstance(self.rule_options, dict):
+            raise ValueError(f"rule_options must be a dict of the rule's own settings; got {self.rule_options!r}")
+        rule.check_options(self.rule_options)
         _check_pattern("target_modules", self.target_modules, allow_none=False)
         _check_pattern("exclude_modules", self.exclude_modules, allow_none=True)
         if not isinstance(self.include_conv, bool):
@@ -151,6 +163,30 @@ class LDFAConfig:
                 raise ValueError(f"error_clip must be a positive number, None or 'auto'; got {clip!r}")
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an int; got {self.seed!r}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        ignored = [key for key in RULE_SETTINGS if key not in rule.settings and getattr(self, key) != defaults[key]]
+        if ignored:
+            warnings.warn(f"LDFAConfig: rule={self.rule!r} ignores {', '.join(f'{k}={getattr(self, k)!r}' for k in ignored)}"
+                          f" (it reads {', '.join(rule.settings) or 'none of ' + ', '.join(RULE_SETTINGS)})",
+                          LDFAWarning, stacklevel=3)
+
+    @classmethod
+    def for_finetuning(cls, **overrides: Any) -> "LDFAConfig":
+        """The configuration we recommend for fine-tuning a pretrained model (full, LoRA or QLoRA).
+
+        A pretrained W's top singular directions need not carry the fine-tuning error, so the
+        default ``svd`` rule is the wrong one here; this picks the measured fine-tuning rule and
+        rank (benchmarks/results/RESULTS.md g). Any field can be overridden.
+
+        Example:
+            >>> cfg = LDFAConfig.for_finetuning()
+            >>> cfg = LDFAConfig.for_finetuning(rank=64)
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"LDFAConfig.for_finetuning got unknown settings {unknown}; it takes {sorted(known)}")
+        return cls(**{**FINETUNING, **overrides})
 
     # -- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -6,28 +6,38 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
 from .feedback import layer_input
-from .rules import LayerCost
+from .cost import LayerCost
 
 
-def estimate_cost(plugin) -> dict:
+ASSUMED_SAMPLES = 512  # rows per layer and step when no training forward has been seen yet
+
+
+def estimate_cost(plugin, samples: Optional[int] = None) -> dict:
     """Multiply-adds per training step in the targeted layers, backprop vs LDFA.
 
-    Uses the samples each layer saw in its last training forward (1 if it has not run).
+    Uses ``samples`` rows (tokens, or image positions) per layer if given, else what each layer
+    saw in its last training forward, else ``ASSUMED_SAMPLES`` (``"assumed"`` says which).
     Layers whose input needs no gradient (e.g. the first layer) save nothing; frozen weights
     (LoRA's base) cost no ``δᵀx``, so there backprop's backward is all ``δ W``. The rule's own
-    work and, for ``calibrated``, the exact calibration steps are averaged per step.
+    work and, for rules with exact steps, those steps are averaged per step. An estimate of
+    multiply-adds, an upper bound on the wall-clock saving (the hooks and the rest of the
+    step are not counted).
     """
     forward = bp_backward = ldfa_backward = rule_work = 0
+    assumed = False
     for view in plugin.layers.values():
         m, n = view.shape
-        layer = LayerCost(m, n, view.rank, max(view.forward_samples, 1), view.module.weight.requires_grad,
-                          view.input_grad)
+        N = samples or view.forward_samples
+        if not N:
+            N, assumed = ASSUMED_SAMPLES, True
+        layer = LayerCost(m, n, view.rank, N, view.module.weight.requires_grad, view.input_grad)
         forward += layer.N * m * n
         bp_backward += layer.exact_backward
         backward, work = plugin.rule.cost(layer, plugin.config)
@@ -40,29 +50,47 @@ def estimate_cost(plugin) -> dict:
         "rule": rule_work,
         "backward_saved": 1 - ldfa_backward / bp_backward if bp_backward else 0.0,
         "step_saved": (bp_backward - ldfa_backward) / (forward + bp_backward) if bp_backward else 0.0,
+        "assumed": assumed,
     }
 
 
-def summary_text(plugin) -> str:
-    """Layers, ranks, feedback parameters and the estimated saving, as a small table."""
+def role(name: str) -> str:
+    """A layer's name with its block indices starred: ``model.layers.*.mlp.up_proj``."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", name)
+
+
+def summary_text(plugin, samples: Optional[int] = None) -> str:
+    """One line per group of same-role, same-shape layers, the feedback parameters and the estimated
+    saving (with the rows per step it assumed), so that it reads at the size of an LLM."""
     config, rule, layers = plugin.config, plugin.rule, plugin.layers
-    lines = [f"LDFA rule={config.rule!r} rank={config.rank} on {len(layers)} layers"
-             + (f", exact calibration every {config.calibrate_every} steps" if rule.calibrates else "")]
-    width = max([len(n) for n in layers] + [5])
-    lines.append(f"{'layer':<{width}}  {'kind':<7} {'m x n':>13} {'rank':>5} {'feedback':>10}")
-    feedback_params = 0
+    groups: dict[tuple, list] = {}
     for name, view in layers.items():
-        m, n = view.shape
-        params = view.rank * (m + n) if rule.has_factors else 0
+        groups.setdefault((role(name), view.kind, view.shape, view.rank), []).append(view)
+    schedule = rule.describe()
+    lines = [f"LDFA rule={config.rule!r} rank={config.rank} on {len(layers)} layers in {len(groups)} groups"
+             + (f" ({schedule})" if schedule else "")]
+    width = max([len(key[0]) for key in groups] + [5])
+    lines.append(f"{'count':>5}  {'layer':<{width}}  {'kind':<7} {'m x n':>13} {'rank':>5} {'feedback':>11}")
+    feedback_params = 0
+    for (name, kind, (m, n), rank), views in groups.items():
+        params = rank * (m + n) * len(views) if rule.has_factors else 0
         feedback_params += params
-        lines.append(f"{name:<{width}}  {view.kind:<7} {f'{m} x {n}':>13} {view.rank:>5} {params:>10,}")
-    cost = estimate_cost(plugin)
+        lines.append(f"{len(views):>5}  {name:<{width}}  {kind:<7} {f'{m} x {n}':>13} {rank:>5} {params:>11,}")
+    cost = estimate_cost(plugin, samples)
     lines.append(f"feedback parameters: {feedback_params:,}")
-    lines.append(
-        f"backward multiply-adds in targeted layers: {cost['backward_bp']:,} (backprop) -> "
-        f"{cost['backward_ldfa']:,} (LDFA, rule included): {100 * cost['backward_saved']:.1f}% saved, "
-        f"{100 * cost['step_saved']:.1f}% of their forward+backward"
-    )
+    if samples:
+        rows = f"{samples:,} rows (tokens) per layer and step, as given"
+    elif cost["assumed"]:
+        rows = (f"{ASSUMED_SAMPLES:,} rows (tokens) per layer and step, assumed: no training forward seen yet "
+                "(pass summary(samples=...) or call it after a step)")
+    else:
+        rows = "the rows (tokens) each layer saw in its last training forward"
+    saved = cost["backward_saved"]
+    verdict = (f"{100 * saved:.1f}% fewer, {100 * cost['step_saved']:.1f}% of their forward+backward"
+               if saved > 0 else "no saving at this size (the rule's own work outweighs it)")
+    lines.append(f"estimated backward multiply-adds in targeted layers at {rows}: {cost['backward_bp']:,} (backprop) -> "
+                 f"{cost['backward_ldfa']:,} (LDFA, rule included): {verdict}. "
+                 "An upper bound on the time saved, not a wall-clock measurement.")
     return "\n".join(lines)
 
 

@@ -10,7 +10,6 @@ takes it off again without a trace.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -19,19 +18,14 @@ from torch.autograd.function import once_differentiable
 
 from .distributed import full_tensor, is_dtensor, row_shard, sharded_weight_reason
 from .layers import LayerKind
-from .rules import factor_generator
 
 
 class Switch:
-    """Plugin-wide flags every hook reads: LDFA on/off, statistics on/off, calibration."""
+    """Plugin-wide flags every hook reads: LDFA on/off, statistics on/off."""
 
     def __init__(self) -> None:
         self.enabled = True
         self.collecting = True
-        self.calibrating = False  # calibrated rule: this step runs exact backprop and sketches errors
-        self.step = 0             # the plugin's step counter, for seeding per-step randomness
-        self.output_hook: Optional["FeedbackHook"] = None   # dfa: the output layer
-        self.output_error: Optional[Tensor] = None          # dfa: its error in this backward
         self.materialize = lambda: None  # the plugin's: makes factors deferred by meta-device weights
 
 
@@ -39,17 +33,17 @@ class _Feedback(torch.autograd.Function):
     """Identity on the layer output; its backward supplies the input's gradient."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, hook: "FeedbackHook", collect: bool, calibrate: bool) -> Tensor:
-        ctx.hook, ctx.collect, ctx.calibrate = hook, collect, calibrate
+    def forward(ctx, y: Tensor, x: Tensor, hook: "FeedbackHook", collect: bool, keep_input: bool) -> Tensor:
+        ctx.hook, ctx.collect = hook, collect
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.save_for_backward(x if collect else None)
+        ctx.save_for_backward(x if keep_input else None)
         return y.view_as(y)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor):
         (x,) = ctx.saved_tensors
-        gx = ctx.hook.input_grad(g, x, ctx.x_shape, ctx.needs_input_grad[1], ctx.collect, ctx.calibrate)
+        gx = ctx.hook.input_grad(g, x, ctx.x_shape, ctx.needs_input_grad[1], ctx.collect)
         # a frozen layer's output needs no gradient: handing g on would keep it alive while x's grads are summed
         return (g if ctx.needs_input_grad[0] else None), (None if gx is None else gx.to(ctx.x_dtype)), None, None, None
 
@@ -109,22 +103,26 @@ def orphans(module: nn.Module) -> int:
 
 
 class FeedbackHook:
-    """LDFA on one layer: its factors P (m×r) and Q (r×n), and the statistics of the step."""
+    """LDFA on one layer, and everything the plugin keeps about it: the layer kind bound to its
+    module, its target, its factors P (m×r) and Q (r×n), the statistics of the step, skipped
+    updates, and ``state``, a dict the rule owns."""
 
-    def __init__(self, *, name: str, module: nn.Module, kind: "LayerKind", rank: int, rule, switch: Switch,
-                 P: Optional[Tensor] = None, Q: Optional[Tensor] = None, error_clip: Optional[float] = None,
-                 seed: int = 0) -> None:
-        self.name, self.kind, self.rank, self.rule, self.switch = name, kind, rank, rule, switch
-        self.seed = seed
-        self.P, self.Q, self.error_clip = P, Q, error_clip
+    def __init__(self, *, name: str, kind: "LayerKind", target, rule, switch: Switch,
+                 error_clip: Optional[float] = None) -> None:
+        self.name, self.kind, self.target, self.rule, self.switch = name, kind, target, rule, switch
+        self.rank, self.shape = target.rank, target.shape
+        self.P: Optional[Tensor] = None
+        self.Q: Optional[Tensor] = None
+        self.error_clip = error_clip
         self.stats: dict[str, Tensor] = {}
         self.samples = 0            # samples accumulated into ``stats`` since the last step
         self.last_samples = 0       # samples per forward, for the FLOP estimate
         self.input_needs_grad = True
-        self._omega: Optional[tuple[int, Tensor]] = None  # (step, Ω) of the calibration sketch
-        self.memory: Optional[Tensor] = None  # calibrated rule with memory: the running sketch
+        self.skipped = 0            # updates skipped for non-finite statistics
+        self.backward_seen = False  # statistics reached this layer since the last step (kept by reset_statistics)
+        self.state: dict = {}       # the rule's own per-layer state
         self._x: Optional[Tensor] = None
-        self._module = module
+        self._module = kind.module
         self._handles = []
 
     # -- attach / remove, in the style of torch.nn.utils.prune ---------------------------
@@ -140,7 +138,7 @@ class FeedbackHook:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._x = self._omega = None
+        self._x = None
         self.stats = {}
 
     # -- forward ---------------------------------------------------------------------------
@@ -164,60 +162,26 @@ class FeedbackHook:
             return None
         training = self.switch.collecting and module.training
         # an input that needs no gradient never uses the feedback, so its statistics would be waste
-        collect = bool(training and self.rule.needs and x.requires_grad)
-        # an input that needs no gradient receives no feedback, so there is nothing to calibrate
-        calibrate = bool(training and self.switch.calibrating and x.requires_grad)
+        collect = bool(training and x.requires_grad and self.rule.collects(self))
         self.input_needs_grad = x.requires_grad
         self.last_samples = self.kind.samples(output)
-        if not x.requires_grad and not (collect and output.requires_grad):
+        if not x.requires_grad:
             return None
         if self.P is None and self.rule.has_factors:  # wrapped on the meta device: the weights are real now
             self.switch.materialize()
         self.follow_device(module.weight.device)
-        return _Feedback.apply(output, x, self, collect, calibrate)
+        return _Feedback.apply(output, x, self, collect, collect and self.rule.needs_input)
 
     # -- backward ----------------------------------------------------------------------------
-    def input_grad(self, g: Tensor, x: Optional[Tensor], x_shape, need_gx: bool, collect: bool, calibrate: bool):
-        """``(δ P) Q`` for the input (``δ W`` under ``bp`` and on calibration steps); statistics while training."""
-        module, kind = self._module, self.kind
-        gx = z = None
-        if calibrate or self.rule.exact:
-            gx = kind.exact(g, module, x_shape) if need_gx else None
-            if calibrate:
-                omega = self.sketch_matrix(g.device)
-                self.accumulate(self.rule.calibration_statistics(kind, module, g, gx, omega), kind.samples(g))
-        elif self.rule.direct:
-            if self.switch.output_hook is self:
-                self.switch.output_error = g.detach()
-            gx = self.direct(self.switch.output_error, x_shape) if need_gx else None
-        else:
-            gx, z = self.rule.feedback(kind, module, g, self.P, self.Q, x_shape, need_gx, collect)
-        if collect:
-            self.accumulate(self.rule.statistics(kind, module, g, z, x, self.P, self.Q), kind.samples(g))
+    def input_grad(self, g: Tensor, x: Optional[Tensor], x_shape, need_gx: bool, collect: bool):
+        """What the rule sends down to the input (``None`` if nothing needs it), clipped if asked."""
+        gx = self.rule.input_grad(self, g, x, x_shape, need_gx, collect)
         if gx is not None and self.error_clip is not None:
             gx = gx.clamp(-self.error_clip, self.error_clip)
         return gx
 
-    def direct(self, error: Tensor, x_shape) -> Tensor:
-        """DFA: the output error through this layer's fixed random matrix B (kept in ``P``)."""
-        per_position = error.shape[:-1] == tuple(x_shape[:-1])
-        e = error if per_position else error.reshape(x_shape[0], -1)
-        width = x_shape[-1] if per_position else math.prod(x_shape[1:])
-        if self.P is None or tuple(self.P.shape) != (e.shape[-1], width):
-            gen = factor_generator(self.seed, self.name, 0)
-            self.P = (torch.randn(e.shape[-1], width, generator=gen) / e.shape[-1] ** 0.5).to(error.device)
-        return (e @ self.P.to(e.dtype)).reshape(x_shape)
-
-    def sketch_matrix(self, device: torch.device) -> Tensor:
-        """The calibration step's random test matrix Ω, the same for every micro-batch and process."""
-        step = self.rule.sketch_step(self.switch.step)
-        if self._omega is None or self._omega[0] != step or self._omega[1].device != device:
-            dim = self.rule.sketch_dim(self.P.shape[0], self.Q.shape[1])
-            omega = self.rule.sketch_matrix(dim, self.rank, factor_generator(self.seed, self.name, step))
-            self._omega = (step, omega.to(device))
-        return self._omega[1]
-
     def accumulate(self, stats: dict, samples: int) -> None:
+        self.backward_seen = True
         for key, value in stats.items():
             value = value.float()
             if key in self.stats:
@@ -247,10 +211,12 @@ class FeedbackHook:
         if reason is not None:
             raise ValueError(
                 f"LDFA needs the full weight of {self.name!r} outside forward, but {reason}. "
-                "FSDP1 and DeepSpeed ZeRO-3 are not supported by rules that read W (svd, and every "
-                "rule's refresh and stats()); use FSDP2 (fully_shard), DDP, or rule='bp'."
+                "FSDP1 and DeepSpeed ZeRO-3 are not supported by rules that read W (the default "
+                "rule, every refresh and stats()); use FSDP2 (fully_shard), DDP, or rule='bp'."
             )
-        return self.kind.as_matrix(full_tensor(weight.detach()))
+        if is_dtensor(weight):
+            return self.kind.as_matrix(full_tensor(weight.detach()))
+        return self.kind.matrix().detach()  # a 4-bit weight comes back de-quantised
 
     def weight_rows(self) -> Optional[tuple[Tensor, int]]:
         """(the rows of W this process holds, index of the first) when FSDP2 shards W by rows."""
@@ -259,10 +225,10 @@ class FeedbackHook:
         shard = row_shard(self._module.weight.detach())
         if shard is None:
             return None
-        local, start = shard
-        return self.kind.as_matrix(local), start
+        rows, start = shard
+        return self.kind.as_matrix(rows), start
 
-    def local_weight(self) -> Tensor:
+    def held_weight(self) -> Tensor:
         """What this process holds of W (all of it unless sharded), for checks that all-reduce."""
         weight = self._module.weight.detach()
         return weight.to_local() if is_dtensor(weight) else weight

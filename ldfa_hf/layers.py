@@ -8,6 +8,7 @@ channels per position, Q is an ``r × C_in × kh × kw`` kernel).
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Protocol
 
 import torch
@@ -21,40 +22,43 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 
 class LayerKind(Protocol):
-    """The contract a targeted layer type fulfils, so hooks and rules never branch on layer type."""
+    """The contract a targeted layer type fulfils, bound to its module once (``kind(module)``),
+    so hooks and rules never branch on layer type nor pass the module around."""
 
     name: str
+    module: nn.Module
+    dim0_is_rows: bool  # the stored weight's dim 0 indexes W's rows (so an FSDP2 shard holds whole rows)
 
-    def shape(self, module: nn.Module) -> tuple[int, int]:
+    @staticmethod
+    def shape(module: nn.Module) -> tuple[int, int]:
         """``(m, n)`` of W as a matrix."""
 
-    def matrix(self, module: nn.Module) -> Tensor:
-        """W as an ``m × n`` matrix (a view where possible)."""
-
-    def as_matrix(self, weight: Tensor) -> Tensor:
+    @staticmethod
+    def as_matrix(weight: Tensor) -> Tensor:
         """A weight tensor (or the rows an FSDP2 shard holds) as rows of W."""
 
-    dim0_is_rows: bool  # the stored weight's dim 0 indexes W's rows (so an FSDP2 shard holds whole rows)
+    def matrix(self) -> Tensor:
+        """W as an ``m × n`` matrix (a view where possible)."""
 
     def down(self, g: Tensor, P: Tensor) -> Tensor:
         """``z = δ P``: the r-dimensional error."""
 
-    def up(self, z: Tensor, Q: Tensor, module: nn.Module, x_shape: torch.Size) -> Tensor:
+    def up(self, z: Tensor, Q: Tensor, x_shape: torch.Size) -> Tensor:
         """``z Q`` shaped like the layer's input."""
 
-    def exact(self, g: Tensor, module: nn.Module, x_shape: torch.Size) -> Tensor:
+    def exact(self, g: Tensor, x_shape: torch.Size) -> Tensor:
         """Backprop's input gradient ``δ W``."""
 
     def rows(self, t: Tensor) -> Tensor:
         """Samples × features view of an error, compressed error or input."""
 
-    def input_rows(self, g: Tensor, gx: Optional[Tensor], module: nn.Module) -> Tensor:
+    def input_rows(self, g: Tensor, gx: Optional[Tensor]) -> Tensor:
         """``δ W`` per sample as rows (patch space for a convolution)."""
 
-    def z_x(self, z: Tensor, x: Tensor, module: nn.Module, Q: Tensor) -> Tensor:
+    def z_x(self, z: Tensor, x: Tensor, Q: Tensor) -> Tensor:
         """``Σ zᵀ x``, the r × n correlation the local rules feed to Q."""
 
-    def x_q(self, x: Tensor, Q: Tensor, module: nn.Module) -> Tensor:
+    def x_q(self, x: Tensor, Q: Tensor) -> Tensor:
         """``x Qᵀ`` per sample, as rows."""
 
     def samples(self, g: Tensor) -> int:
@@ -65,54 +69,49 @@ class LinearKind:
     """``a = x Wᵀ + b`` over any number of leading dimensions; each leading index is a sample."""
 
     name = "linear"
+    dim0_is_rows = True
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
 
     @staticmethod
     def shape(module: nn.Module) -> tuple[int, int]:
         return tuple(module.weight.shape)
 
-    dim0_is_rows = True
-
-    @classmethod
-    def matrix(cls, module: nn.Module) -> Tensor:
-        return cls.as_matrix(module.weight)
-
     @staticmethod
     def as_matrix(weight: Tensor) -> Tensor:
         return weight
 
-    @staticmethod
-    def down(g: Tensor, P: Tensor) -> Tensor:
+    def matrix(self) -> Tensor:
+        return self.as_matrix(self.module.weight)
+
+    def down(self, g: Tensor, P: Tensor) -> Tensor:
         return g @ P.to(g.dtype)
 
-    @staticmethod
-    def up(z: Tensor, Q: Tensor, module: nn.Module, x_shape: torch.Size) -> Tensor:
+    def up(self, z: Tensor, Q: Tensor, x_shape: torch.Size) -> Tensor:
         return z @ Q.to(z.dtype)
 
-    @staticmethod
-    def exact(g: Tensor, module: nn.Module, x_shape: torch.Size) -> Tensor:
-        return g @ module.weight.to(g.dtype)
+    def exact(self, g: Tensor, x_shape: torch.Size) -> Tensor:
+        return g @ self.matrix().to(g.dtype)
 
     @staticmethod
     def rows(t: Tensor) -> Tensor:
         """Samples × features view of an error, compressed error or input."""
         return t.reshape(-1, t.shape[-1])
 
-    @classmethod
-    def z_x(cls, z: Tensor, x: Tensor, module: nn.Module, Q: Tensor) -> Tensor:
+    def z_x(self, z: Tensor, x: Tensor, Q: Tensor) -> Tensor:
         """``Σ zᵀ x`` — the ``r × n`` correlation the local rules feed to Q."""
-        return cls.rows(z).T @ cls.rows(x).to(z.dtype)
+        return self.rows(z).T @ self.rows(x).to(z.dtype)
 
-    @classmethod
-    def x_q(cls, x: Tensor, Q: Tensor, module: nn.Module) -> Tensor:
+    def x_q(self, x: Tensor, Q: Tensor) -> Tensor:
         """``x Qᵀ`` per sample, as rows: the input seen through the feedback row space."""
-        return cls.rows(x) @ Q.to(x.dtype).T
+        return self.rows(x) @ Q.to(x.dtype).T
 
-    @classmethod
-    def input_rows(cls, g: Tensor, gx: Optional[Tensor], module: nn.Module) -> Tensor:
+    def input_rows(self, g: Tensor, gx: Optional[Tensor]) -> Tensor:
         """``δ W`` per sample, as rows; reuses the exact input gradient when it was computed."""
         if gx is not None:
-            return cls.rows(gx)
-        return cls.rows(g) @ cls.matrix(module).detach().to(g.dtype)
+            return self.rows(gx)
+        return self.rows(g) @ self.matrix().detach().to(g.dtype)
 
     @staticmethod
     def samples(g: Tensor) -> int:
@@ -123,21 +122,16 @@ class Conv1DKind(LinearKind):
     """GPT-2 ``Conv1D``: a linear layer whose weight is stored transposed (``n × m``)."""
 
     name = "conv1d"
+    dim0_is_rows = False  # stored n × m
 
     @staticmethod
     def shape(module: nn.Module) -> tuple[int, int]:
         n, m = module.weight.shape
         return (m, n)
 
-    dim0_is_rows = False  # stored n × m
-
     @staticmethod
     def as_matrix(weight: Tensor) -> Tensor:
         return weight.T
-
-    @staticmethod
-    def exact(g: Tensor, module: nn.Module, x_shape: torch.Size) -> Tensor:
-        return g @ module.weight.to(g.dtype).T
 
 
 def conv_padding(module: nn.Conv2d) -> Optional[tuple[int, int]]:
@@ -158,68 +152,84 @@ class Conv2dKind:
     """``nn.Conv2d`` with ``groups == 1``; every (image, output position) is a sample."""
 
     name = "conv2d"
+    dim0_is_rows = True
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._geometry = (module.stride, conv_padding(module), module.dilation)
 
     @staticmethod
     def shape(module: nn.Module) -> tuple[int, int]:
         c_out, c_in, kh, kw = module.weight.shape
         return (c_out, c_in * kh * kw)
 
-    dim0_is_rows = True
-
-    @classmethod
-    def matrix(cls, module: nn.Module) -> Tensor:
-        return cls.as_matrix(module.weight)
-
     @staticmethod
     def as_matrix(weight: Tensor) -> Tensor:
         return weight.reshape(weight.shape[0], -1)
 
-    @staticmethod
-    def _kernel(Q: Tensor, module: nn.Module, dtype: torch.dtype) -> Tensor:
-        return Q.to(dtype).reshape(Q.shape[0], *module.weight.shape[1:])
+    def matrix(self) -> Tensor:
+        return self.as_matrix(self.module.weight)
+
+    def _kernel(self, Q: Tensor, dtype: torch.dtype) -> Tensor:
+        return Q.to(dtype).reshape(Q.shape[0], *self.module.weight.shape[1:])
 
     @staticmethod
     def down(g: Tensor, P: Tensor) -> Tensor:
         return torch.einsum("nchw,cr->nrhw", g, P.to(g.dtype))
 
-    @classmethod
-    def up(cls, z: Tensor, Q: Tensor, module: nn.Module, x_shape: torch.Size) -> Tensor:
-        kernel = cls._kernel(Q, module, z.dtype)
-        return torch.nn.grad.conv2d_input(
-            x_shape, kernel, z, module.stride, conv_padding(module), module.dilation
-        )
+    def up(self, z: Tensor, Q: Tensor, x_shape: torch.Size) -> Tensor:
+        return torch.nn.grad.conv2d_input(x_shape, self._kernel(Q, z.dtype), z, *self._geometry)
 
-    @staticmethod
-    def exact(g: Tensor, module: nn.Module, x_shape: torch.Size) -> Tensor:
-        return torch.nn.grad.conv2d_input(
-            x_shape, module.weight.to(g.dtype), g, module.stride, conv_padding(module), module.dilation
-        )
+    def exact(self, g: Tensor, x_shape: torch.Size) -> Tensor:
+        return torch.nn.grad.conv2d_input(x_shape, self.module.weight.to(g.dtype), g, *self._geometry)
 
     @staticmethod
     def rows(t: Tensor) -> Tensor:
         return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
-    @classmethod
-    def z_x(cls, z: Tensor, x: Tensor, module: nn.Module, Q: Tensor) -> Tensor:
-        grad = torch.nn.grad.conv2d_weight(
-            x.to(z.dtype), (Q.shape[0], *module.weight.shape[1:]), z,
-            module.stride, conv_padding(module), module.dilation,
-        )
+    def z_x(self, z: Tensor, x: Tensor, Q: Tensor) -> Tensor:
+        grad = torch.nn.grad.conv2d_weight(x.to(z.dtype), (Q.shape[0], *self.module.weight.shape[1:]), z,
+                                           *self._geometry)
         return grad.reshape(Q.shape[0], -1)
 
-    @classmethod
-    def x_q(cls, x: Tensor, Q: Tensor, module: nn.Module) -> Tensor:
-        out = F.conv2d(x, cls._kernel(Q, module, x.dtype), None, module.stride, conv_padding(module), module.dilation)
-        return cls.rows(out)
+    def x_q(self, x: Tensor, Q: Tensor) -> Tensor:
+        return self.rows(F.conv2d(x, self._kernel(Q, x.dtype), None, *self._geometry))
 
-    @classmethod
-    def input_rows(cls, g: Tensor, gx: Optional[Tensor], module: nn.Module) -> Tensor:
+    def input_rows(self, g: Tensor, gx: Optional[Tensor]) -> Tensor:
         """``δ W`` per output position in patch space (C_in·kh·kw), as rows."""
-        return cls.rows(g) @ cls.matrix(module).detach().to(g.dtype)
+        return self.rows(g) @ self.matrix().detach().to(g.dtype)
 
     @staticmethod
     def samples(g: Tensor) -> int:
         return g.numel() // g.shape[1]
+
+
+def _bnb_linear4bit() -> Optional[type]:
+    """bitsandbytes' ``Linear4bit`` if the user's program imported bitsandbytes (never imported here)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return getattr(getattr(bnb, "nn", None), "Linear4bit", None) if bnb is not None else None
+
+
+class Linear4bitKind(LinearKind):
+    """A bitsandbytes ``Linear4bit`` base (QLoRA): W is read de-quantised, one layer at a time and
+    only when a rule asks for it (factors at attach, exact steps); the 4-bit weight itself is never
+    used in backward, since the feedback replaces ``δ W``."""
+
+    name = "linear4bit"
+    dim0_is_rows = False  # the packed storage's rows are not W's
+
+    @staticmethod
+    def shape(module: nn.Module) -> tuple[int, int]:
+        return (module.out_features, module.in_features)
+
+    @staticmethod
+    def as_matrix(weight: Tensor) -> Tensor:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+
+    def matrix(self) -> Tensor:
+        return self.as_matrix(self.module.weight)
 
 
 def packed_weight_reason(module: nn.Module) -> Optional[str]:
@@ -228,6 +238,9 @@ def packed_weight_reason(module: nn.Module) -> Optional[str]:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, Tensor):
         return "it has no weight tensor"
+    four_bit = _bnb_linear4bit()
+    if four_bit is not None and isinstance(module, four_bit):
+        return None if getattr(weight, "quant_state", None) is not None else "its 4-bit weight is not quantised yet"
     if not weight.is_floating_point():
         return f"its weight is stored as {weight.dtype}"
     if isinstance(module, nn.Linear) and tuple(weight.shape) != (module.out_features, module.in_features):
@@ -237,6 +250,9 @@ def packed_weight_reason(module: nn.Module) -> Optional[str]:
 
 def kind_of(module: nn.Module) -> Optional[LayerKind]:
     """The layer kind LDFA can target, or ``None`` (embeddings, norms, grouped convs, packed weights, ...)."""
+    four_bit = _bnb_linear4bit()
+    if four_bit is not None and isinstance(module, four_bit):
+        return Linear4bitKind if getattr(module.weight, "quant_state", None) is not None else None
     if isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D)):
         if packed_weight_reason(module) is not None:
             return None

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from . import diagnostics, distributed
 from .config import AUTO_REFRESH_FALLBACK, LDFAConfig, LDFAWarning
 from .feedback import FeedbackHook, Switch
-from .rules import factor_generator, make_rule
+from .linalg import factor_generator
+from .rules import make_rule
 from .targets import Target, existing_hook_owner, find_targets, unmatched_rank_patterns
 
 STATE_NAME = "ldfa_state.safetensors"
@@ -34,7 +35,7 @@ class LayerView(NamedTuple):
     shape: tuple            # W as (m, n)
     rank: int
     module: nn.Module
-    P: Optional[Tensor]     # m × r (dfa: its fixed random matrix, once made)
+    P: Optional[Tensor]     # m × r (a rule without factors may keep its own matrix here)
     Q: Optional[Tensor]     # r × n
     skipped: int            # updates skipped for non-finite statistics
     forward_samples: int    # samples in the layer's last training forward
@@ -65,18 +66,14 @@ class LDFAPlugin:
                 "(build one with LDFAConfig(**values) or LDFAConfig.from_dict(values))"
             )
         self.config = config
-        self.rule = make_rule(config.rule).configure(config)
+        self.rule = make_rule(config)
         self.switch = Switch()
         self.num_steps = 0
         self.steps_per_epoch: Optional[int] = None  # optimizer steps per epoch, if known ("auto" refresh)
-        self._hooks: dict[str, FeedbackHook] = {}
-        self._targets: dict[str, Target] = {}
-        self._skipped: dict[str, int] = {}
-        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._hooks: dict[str, FeedbackHook] = {}  # one record per targeted layer, in module order
         self._model: Optional[nn.Module] = None
         self._synced = False
         self._pending = False  # factors wait for real weights (model wrapped on the meta device)
-        self._warned_nonfinite = False
 
     # -- attach / detach ---------------------------------------------------------------------
     def attach(self, model: nn.Module) -> "LDFAPlugin":
@@ -98,8 +95,8 @@ class LDFAPlugin:
 
         clip = self.rule.error_clip if self.config.error_clip == "auto" else self.config.error_clip
         hooks = {
-            name: FeedbackHook(name=name, module=module, kind=kind, rank=target.rank, rule=self.rule,
-                               switch=self.switch, error_clip=clip, seed=self.config.seed)
+            name: FeedbackHook(name=name, kind=kind(module), target=target, rule=self.rule,
+                               switch=self.switch, error_clip=clip)
             for name, (module, kind, target) in found.items()
         }
         # initial factors, still before any hook is registered; weights on the meta device (a model
@@ -107,8 +104,6 @@ class LDFAPlugin:
         self._pending = self.rule.has_factors and any(hook.module.weight.is_meta for hook in hooks.values())
         if self.rule.has_factors and not self._pending:
             self._init_factors(hooks)
-        if self.rule.direct:  # dfa: the last targeted layer in module order is the head
-            self.switch.output_hook = list(hooks.values())[-1]
         registered = []
         try:
             for hook in hooks.values():
@@ -119,10 +114,9 @@ class LDFAPlugin:
             raise
 
         self._hooks = hooks
-        self._targets = {name: target for name, (_, _, target) in found.items()}
-        self._skipped = {name: 0 for name in hooks}
         self._model = model
-        self._optimizer = None if self._pending else self._make_optimizer()
+        if not self._pending:
+            self.rule.attach(list(hooks.values()))
         self._synced = False
         self.switch.materialize = self.materialize
         if not self._pending:
@@ -138,7 +132,7 @@ class LDFAPlugin:
             if not torch.isfinite(W).all():
                 raise ValueError(f"weight of {name!r} contains NaN or Inf; cannot initialise its feedback")
         for name, hook in hooks.items():
-            P, Q = self.rule.init(hook.weight_matrix(), hook.rank, factor_generator(self.config.seed, name, 0))
+            P, Q = self.rule.init_factors(hook.weight_matrix(), hook.rank, factor_generator(self.config.seed, name, 0))
             hook.P, hook.Q = P.float().contiguous(), Q.float().contiguous()
 
     @property
@@ -171,7 +165,7 @@ class LDFAPlugin:
             )
         self._init_factors(self._hooks)
         self._pending = False
-        self._optimizer = self._make_optimizer()
+        self.rule.attach(list(self._hooks.values()))
         self._sync_once()
         return self
 
@@ -186,25 +180,15 @@ class LDFAPlugin:
         """Remove every hook: the model is exactly as it was before ``attach``."""
         for hook in self._hooks.values():
             hook.remove()
-        self._hooks, self._targets, self._model, self._optimizer = {}, {}, None, None
+        self._hooks, self._model = {}, None
+        self.rule.optimizer = None
         compiled_code_sees_hooks()
-
-    def _make_optimizer(self) -> Optional[torch.optim.Optimizer]:
-        if not self.rule.trains:
-            return None
-        lr = self.rule.lr if self.config.feedback_lr is None else self.config.feedback_lr
-        wd = self.rule.weight_decay if self.config.feedback_weight_decay is None else self.config.feedback_weight_decay
-        factors = self._factors()
-        try:  # the fused kernel is several times faster for many small tensors (CPU and GPU)
-            return torch.optim.AdamW(factors, lr=lr, weight_decay=wd, fused=True)
-        except (RuntimeError, ValueError, TypeError):
-            return torch.optim.AdamW(factors, lr=lr, weight_decay=wd, foreach=True)
 
     def _factors(self) -> list[Tensor]:
         return [t for hook in self._hooks.values() for t in (hook.P, hook.Q) if t is not None]
 
     def _stored_factors(self) -> Iterator[tuple[str, Tensor]]:
-        """(state key, factor) for every factor kept in state (dfa's B is re-made from the seed)."""
+        """(state key, factor) for every factor kept in state (a rule without factors keeps none)."""
         if not self.rule.has_factors:
             return
         for name, hook in self._hooks.items():
@@ -224,139 +208,47 @@ class LDFAPlugin:
             raise RuntimeError("LDFAPlugin.step() called on a detached plugin; call attach(model) first")
         self._require_factors("LDFAPlugin.step()")
         self._sync_once()
-        calibrated = self.switch.calibrating
+        layers = list(self._hooks.values())
+        self._average_statistics(layers)
         self.num_steps += 1
         interval = self.refresh_interval
         refresh = self.rule.refreshes and interval is not None and self.num_steps % interval == 0
-        due = not refresh and self.num_steps % self.rule.interval(self.config) == 0
-        if calibrated:
-            self._calibrate()
-        elif self.rule.trains and due:
-            self._descend()
-        elif self.rule.refits and due:
-            self._refit()
+        self.rule.update(layers, self.num_steps, refreshing=refresh)
         self.reset_statistics()
+        for hook in layers:
+            hook.backward_seen = False
         if refresh:
             self.refresh()
         self._schedule()
 
     def _schedule(self) -> None:
-        """Tell the hooks whether the coming step calibrates (a function of the step count only,
-        so a resumed run calibrates on the same steps as an uninterrupted one)."""
-        self.switch.step = self.num_steps
-        self.switch.calibrating = self.rule.calibrates and self.rule.due(self.num_steps, self.config.calibrate_every)
-
-    def _calibrate(self) -> None:
-        """Re-aim every layer that sent gradients down this step, from its (all-reduced) sketch."""
-        hooks = [hook for hook in self._hooks.values() if hook.P is not None]
-        self._average_statistics(hooks, calibration=True)
-        for hook in hooks:
-            if hook.samples == 0 or "sketch" not in hook.stats:
-                continue
-            if not bool(torch.isfinite(hook.stats["sketch"]).all()):
-                self._skip(hook.name)
-                continue
-            factors = self.rule.calibrate(hook, hook.sketch_matrix(hook.P.device))
-            if factors is None:
-                continue
-            P, Q = factors
-            if not (bool(torch.isfinite(P).all()) and bool(torch.isfinite(Q).all())):
-                self._skip(hook.name)
-                continue
-            hook.P.data.copy_(P)
-            hook.Q.data.copy_(Q)
+        """Tell the rule which step comes next (a function of the step count only, so a resumed
+        run behaves on every step as an uninterrupted one)."""
+        self.rule.begin_step(self.num_steps)
 
     def reset_statistics(self) -> None:
         """Drop what the backward hooks gathered since the last step (e.g. after a skipped step)."""
         for hook in self._hooks.values():
             hook.clear_stats()
 
-    def _descend(self) -> None:
-        hooks = list(self._hooks.values())
-        if self.rule.needs:
-            self._average_statistics(hooks)
-            hooks = [hook for hook in hooks if hook.samples > 0]  # skip layers unused since the last step
-        if self.rule.follows_weight:
-            hooks = self._tracking(hooks)
-        if not hooks:
-            return
-        grads = self.rule.all_gradients(hooks)
-        flat = [g for pair in grads for g in pair]
-        # one fused finiteness check (a non-finite entry makes the norm non-finite), one sync
-        finite = torch.stack(torch._foreach_norm(flat)).isfinite().view(-1, 2).all(1).tolist()
-        kept = []
-        for hook, pair, ok in zip(hooks, grads, finite):
-            if not ok:
-                self._skip(hook.name)
-                continue
-            hook.P.grad, hook.Q.grad = pair
-            kept += pair
-        if not kept:
-            return
-        if self.rule.grad_clip is not None:
-            torch._foreach_clamp_min_(kept, -self.rule.grad_clip)
-            torch._foreach_clamp_max_(kept, self.rule.grad_clip)
-        self._move_optimizer_state()
-        self._optimizer.step()
-        for hook in hooks:
-            hook.P.grad = hook.Q.grad = None
-
-    @staticmethod
-    def _tracking(hooks: list[FeedbackHook]) -> list[FeedbackHook]:
-        """The layers whose factors follow W: a frozen W keeps its SVD from attach, and a layer
-        whose input needs no gradient (a model's first layer) never uses its feedback."""
-        return [hook for hook in hooks if hook.weight_trains and hook.input_needs_grad]
-
-    def _refit(self) -> None:
-        """Re-fit the factors of every layer whose weight trains; non-finite results are skipped."""
-        hooks = self._tracking([hook for hook in self._hooks.values() if hook.P is not None])
-        if not hooks:
-            return
-        # one fused check (a non-finite entry makes the norm non-finite), one sync: a non-finite W is skipped
-        finite = distributed.all_finite([hook.local_weight() for hook in hooks])
-        for hook in [hook for hook, ok in zip(hooks, finite) if not ok]:
-            self._skip(hook.name)
-        hooks = [hook for hook, ok in zip(hooks, finite) if ok]
-        fits = self.rule.all_refits(hooks) if hooks else []
-        for hook, (P, Q) in zip(hooks, fits):
-            hook.P.data.copy_(P)
-            hook.Q.data.copy_(Q)
-
-    def _skip(self, name: str) -> None:
-        """Count a skipped update; warn the first time only."""
-        self._skipped[name] += 1
-        if not self._warned_nonfinite:
-            warnings.warn(
-                f"LDFA: non-finite feedback statistics in {name!r}; its update was skipped "
-                "(counted in plugin.stats()['skipped_updates'], warned once)",
-                LDFAWarning,
-                stacklevel=4,
-            )
-            self._warned_nonfinite = True
-
-    def _average_statistics(self, hooks: list[FeedbackHook], calibration: bool = False) -> None:
+    def _average_statistics(self, hooks: list[FeedbackHook]) -> None:
         """Same statistics on every process: pad absent ones with zeros, then one all-reduce."""
         if distributed.world_size() == 1:
             return
+        shapes = [self.rule.stat_shapes(hook) for hook in hooks]
+        if not any(shapes):
+            return
         flat, counts = [], []
-        for hook in hooks:
-            m, n = self._targets[hook.name].shape
-            shapes = self.rule.calibration_shapes if calibration else self.rule.stat_shapes
-            for key, shape in shapes(m, n, hook.rank).items():
+        for hook, hook_shapes in zip(hooks, shapes):
+            device = hook.module.weight.device if hook.P is None else hook.P.device
+            for key, shape in hook_shapes.items():
                 if key not in hook.stats:
-                    hook.stats[key] = torch.zeros(shape, device=hook.P.device)
+                    hook.stats[key] = torch.zeros(shape, device=device)
                 flat.append(hook.stats[key])
-            counts.append(torch.tensor([float(hook.samples)], device=hook.P.device))
+            counts.append(torch.tensor([float(hook.samples)], device=device))
         distributed.average_(flat + counts)
         for hook, count in zip(hooks, counts):
             hook.samples = float(count)
-
-    def _move_optimizer_state(self) -> None:
-        """Optimizer state follows factors that followed their module to another device."""
-        for factor, state in self._optimizer.state.items():
-            for key, value in state.items():
-                if isinstance(value, Tensor) and value.device != factor.device and value.dim() > 0:
-                    state[key] = value.to(factor.device)
 
     def refresh(self) -> None:
         """Re-initialise P, Q from the current weights (seeded: identical on every process)."""
@@ -365,14 +257,12 @@ class LDFAPlugin:
                 continue
             W = hook.weight_matrix()
             if not torch.isfinite(W).all():
-                self._skip(name)
+                self.rule.skip(hook)
                 continue
-            P, Q = self.rule.init(W, hook.rank, factor_generator(self.config.seed, name, self.num_steps))
+            P, Q = self.rule.init_factors(W, hook.rank, factor_generator(self.config.seed, name, self.num_steps))
             hook.P.data.copy_(P)
             hook.Q.data.copy_(Q)
-            if self._optimizer is not None:
-                self._optimizer.state.pop(hook.P, None)
-                self._optimizer.state.pop(hook.Q, None)
+            self.rule.forget(hook)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -399,7 +289,7 @@ class LDFAPlugin:
     @property
     def targets(self) -> dict[str, Target]:
         """Targeted layer name → ``Target(kind, shape=(m, n), rank)``."""
-        return dict(self._targets)
+        return {name: hook.target for name, hook in self._hooks.items()}
 
     @property
     def layers(self) -> Mapping[str, "LayerView"]:
@@ -410,27 +300,35 @@ class LDFAPlugin:
             >>> view.rank, view.P.shape
         """
         return MappingProxyType({
-            name: LayerView(name, target.kind, target.shape, target.rank, hook.module,
+            name: LayerView(name, hook.target.kind, hook.target.shape, hook.rank, hook.module,
                             None if hook.P is None else hook.P.detach(),
                             None if hook.Q is None else hook.Q.detach(),
-                            self._skipped[name], hook.last_samples,
+                            hook.skipped, hook.last_samples,
                             MappingProxyType({k: v.detach() for k, v in hook.stats.items()}), hook.samples,
                             hook.input_needs_grad, hook.weight_matrix)
-            for (name, hook), target in zip(self._hooks.items(), self._targets.values())
+            for name, hook in self._hooks.items()
         })
 
     @property
     def model(self) -> Optional[nn.Module]:
         return self._model
 
-    def cost(self) -> dict:
+    def cost(self, samples: Optional[int] = None) -> dict:
         """Estimated multiply-adds per training step in the targeted layers, backprop vs LDFA
-        (``diagnostics.estimate_cost``): forward, backward_bp, backward_ldfa, rule, backward_saved, step_saved."""
-        return diagnostics.estimate_cost(self)
+        (``diagnostics.estimate_cost``): forward, backward_bp, backward_ldfa, rule, backward_saved,
+        step_saved, and whether the rows per step were assumed. ``samples``: rows (tokens) per
+        layer and step; by default those of the last training forward."""
+        return diagnostics.estimate_cost(self, samples)
 
-    def summary(self, print_fn: Optional[Callable[[str], Any]] = print) -> str:
-        """Print (and return) layers, ranks, feedback parameters and the estimated saving."""
-        text = diagnostics.summary_text(self)
+    def summary(self, print_fn: Optional[Callable[[str], Any]] = print, samples: Optional[int] = None) -> str:
+        """Print (and return) one line per group of same-role, same-shape layers, the feedback
+        parameters and the estimated saving at ``samples`` rows (tokens) per step (by default
+        those of the last training forward; assumed, and said so, before the first one).
+
+        Example:
+            >>> plugin.summary(samples=8 * 128)   # 8 sequences of 128 tokens per step
+        """
+        text = diagnostics.summary_text(self, samples)
         if print_fn is not None:
             print_fn(text)
         return text
@@ -456,18 +354,13 @@ class LDFAPlugin:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
-        """Factors, their optimizer state and the step counter, as a flat dict of tensors."""
+        """Factors, the rule's own state (its optimizer's included) and the step counter, as a flat dict of tensors."""
         self._require_factors("LDFAPlugin.state_dict()")
         state = {_STEP_KEY: torch.tensor(self.num_steps, dtype=torch.int64),
-                 _SKIPPED_KEY: torch.tensor([self._skipped[n] for n in self._hooks], dtype=torch.int64)}
+                 _SKIPPED_KEY: torch.tensor([hook.skipped for hook in self._hooks.values()], dtype=torch.int64)}
         for key, factor in self._stored_factors():
             state[key] = factor.detach()
-            opt_state = self._optimizer.state.get(factor, {}) if self._optimizer is not None else {}
-            for name, value in opt_state.items():
-                state[f"{key}.{name}"] = torch.as_tensor(value).detach()
-        for name, hook in self._hooks.items():  # calibrated rule with memory: its running sketch
-            if hook.memory is not None:
-                state[f"{name}.memory"] = hook.memory.detach()
+        state.update(self.rule.state_dict(list(self._hooks.values())))
         return state
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
@@ -475,6 +368,7 @@ class LDFAPlugin:
         if not self._hooks:
             raise RuntimeError("load_state_dict needs an attached plugin")
         self._require_factors("LDFAPlugin.load_state_dict()")
+        layers = list(self._hooks.values())
         expected = {_STEP_KEY, _SKIPPED_KEY}
         for key, factor in self._stored_factors():
             expected.add(key)
@@ -483,10 +377,8 @@ class LDFAPlugin:
                     f"LDFA state {key} has shape {tuple(state[key].shape)}, "
                     f"this model needs {tuple(factor.shape)} (different rank or model?)"
                 )
-        optim_keys = {k for k in state if k.rsplit(".", 1)[0] in expected and k not in expected}
-        memory_keys = {f"{name}.memory" for name in self._hooks} & set(state)
         missing = sorted(expected - set(state))
-        unexpected = sorted(set(state) - expected - optim_keys - memory_keys)
+        unexpected = self.rule.unexpected_state(layers, set(state) - expected)
         if missing or unexpected:
             raise ValueError(
                 f"LDFA state does not match this model's targets: missing {missing[:5]}"
@@ -497,19 +389,11 @@ class LDFAPlugin:
             raise ValueError("LDFA state has skipped-update counters for a different number of layers")
         self.num_steps = int(state[_STEP_KEY])
         self._schedule()
-        self._skipped = dict(zip(self._hooks, (int(v) for v in state[_SKIPPED_KEY])))
+        for hook, skipped in zip(layers, state[_SKIPPED_KEY].tolist()):
+            hook.skipped = int(skipped)
         for key, factor in self._stored_factors():
             factor.data.copy_(state[key])
-            if self._optimizer is not None:
-                prefix = f"{key}."
-                restored = {k[len(prefix):]: v.to(factor.device) for k, v in state.items() if k.startswith(prefix)}
-                if restored:
-                    self._optimizer.state[factor] = restored
-                else:
-                    self._optimizer.state.pop(factor, None)
-        for name, hook in self._hooks.items():
-            memory = state.get(f"{name}.memory")
-            hook.memory = None if memory is None else memory.detach().clone().to(hook.P.device)
+        self.rule.load_state_dict(layers, {k: v for k, v in state.items() if k not in expected})
         self.reset_statistics()
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:

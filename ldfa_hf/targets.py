@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional, Union
 from torch import nn
 
 from .config import LDFAConfig, LDFAWarning
-from .rules import RULES
+from .rules import rule_class
 from .layers import Conv1D, Conv2dKind, kind_of, packed_weight_reason
 
 _CONV1D = (Conv1D,) if Conv1D is not None else ()
@@ -66,7 +66,7 @@ def rank_for(name: str, shape: tuple, config: LDFAConfig) -> int:
     Full-rank rules (``fa``, ``dfa``, ``bp``) always use ``min(m, n)``.
     """
     m, n = shape
-    if RULES[config.rule].full_rank:
+    if rule_class(config.rule).full_rank:
         return min(m, n)
     rank = config.rank
     for key, value in config.rank_pattern.items():

@@ -6,7 +6,7 @@ from torch import nn
 
 import ldfa_hf
 from ldfa_hf import LDFAConfig
-from ldfa_hf.rules import top_subspace
+from ldfa_hf.linalg import top_subspace
 
 from conftest import batch_for, clone, layer_input_grads, param_grads, rel_err, tiny_bert
 
@@ -62,8 +62,8 @@ def _grads(model, x, y, names):
 def test_errors_of_rank_at_most_r_give_backprops_input_gradient_after_calibration(rank, subspace):
     model = linear_chain()
     reference = clone(model)
-    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=rank, calibrate_every=4))
-    plugin.rule.subspace = subspace
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=rank, calibrate_every=4,
+                                            rule_options={"subspace": subspace}))
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 12, generator=g), torch.randint(0, 3, (64,), generator=g)
     before = {n: v.P.clone() for n, v in plugin.layers.items()}
@@ -98,8 +98,7 @@ def test_calibration_sets_p_to_w_v_with_orthonormal_q():
 def test_output_subspace_switch_sets_q_to_p_transpose_w_with_orthonormal_p():
     torch.manual_seed(0)
     model, batch = tiny_bert(), batch_for("bert", size=4)
-    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=4))
-    plugin.rule.subspace = "output"
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=4, rule_options={"subspace": "output"}))
     model(**batch).loss.backward()
     plugin.step()
     for name, view in plugin.layers.items():
@@ -115,7 +114,7 @@ def test_calibration_steps_are_exact_backprop_and_follow_the_schedule(hf_model):
     names = list(plugin.targets)
     schedule = []
     for step in range(4):
-        schedule.append(plugin.switch.calibrating)
+        schedule.append(plugin.rule.calibrating)
         expected = layer_input_grads(reference, names, batch)
         got = layer_input_grads(model, names, batch)
         errors = [rel_err(got[n], expected[n]) for n in expected]
@@ -270,10 +269,10 @@ def test_resumed_plugin_calibrates_on_the_same_steps(tmp_path):
     other = tiny_bert()
     other.load_state_dict(model.state_dict())
     restored = ldfa_hf.LDFAPlugin.from_pretrained(tmp_path, other)
-    assert restored.num_steps == 4 and not restored.switch.calibrating
+    assert restored.num_steps == 4 and not restored.rule.calibrating
     for _ in range(2):
         restored.step()
-    assert restored.switch.calibrating  # step 6 is a calibration step, as in the uninterrupted run
+    assert restored.rule.calibrating  # step 6 is a calibration step, as in the uninterrupted run
 
 
 def test_param_grads_on_a_calibration_step_equal_backprop():
@@ -304,9 +303,10 @@ def test_reduced_rank_regression_is_exact_for_low_rank_errors():
 
 def test_warmup_adds_calibrations_at_powers_of_two_below_the_interval():
     plugin = ldfa_hf.wrap(nn.Linear(4, 4), LDFAConfig(rule="calibrated", rank=2, calibrate_every=8))
-    plain = [step for step in range(20) if plugin.rule.due(step, 8)]
-    plugin.rule.warmup = True
-    warm = [step for step in range(20) if plugin.rule.due(step, 8)]
+    plain = [step for step in range(20) if plugin.rule.due(step)]
+    warm_plugin = ldfa_hf.wrap(nn.Linear(4, 4), LDFAConfig(rule="calibrated", rank=2, calibrate_every=8,
+                                                           rule_options={"warmup": True}))
+    warm = [step for step in range(20) if warm_plugin.rule.due(step)]
     assert plain == [0, 8, 16] and warm == [0, 1, 2, 4, 8, 16]
 
 
@@ -329,8 +329,8 @@ def test_reduced_rank_regression_is_exact_at_full_rank_whatever_the_errors():
 def test_memory_switch_pools_calibrations_and_resumes_exactly(tmp_path):
     torch.manual_seed(0)
     model = tiny_bert()
-    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=2, calibrate_every=2))
-    plugin.rule.memory = 0.5
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=2, calibrate_every=2,
+                                            rule_options={"memory": 0.5}))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def train(model, plugin, optimizer, steps, start):
@@ -344,8 +344,7 @@ def test_memory_switch_pools_calibrations_and_resumes_exactly(tmp_path):
     assert f"{name}.memory" in state  # two calibrations pooled so far (steps 0 and 2)
     other = tiny_bert()
     other.load_state_dict(model.state_dict())
-    restored = ldfa_hf.LDFAPlugin(plugin.config).attach(other)
-    restored.rule.memory = 0.5
+    restored = ldfa_hf.LDFAPlugin(plugin.config).attach(other)  # the option travels in the config
     restored.load_state_dict(state)
     other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
     train(model, plugin, optimizer, 3, 3)

@@ -98,7 +98,7 @@ def test_default_is_the_papers_per_step_adamw_descent():
     torch.manual_seed(0)
     layer = nn.Linear(32, 24)
     plugin = ldfa_hf.wrap(layer, LDFAConfig(rank=4, refresh_every=None))
-    assert plugin.rule.update == "descent" and plugin.rule.trains and not plugin.rule.refits
+    assert plugin.rule.update_style == "descent" and plugin.rule.trains and not plugin.rule.refits
     before = factors(plugin, "")
     with torch.no_grad():
         layer.weight.add_(0.1 * torch.randn_like(layer.weight))

@@ -1,0 +1,77 @@
+"""Fine-tune a causal LM with TRL's ``SFTTrainer`` + PEFT LoRA, and LDFA on the frozen base.
+
+TRL builds the PEFT model itself from ``peft_config=``, so LDFA is attached to ``trainer.model``
+after the trainer exists; the callback keeps the feedback in step, writes it into every
+checkpoint and restores it on resume. The loss is on the completions only (TRL's default for a
+prompt-completion data set). Without ``--model`` it fine-tunes SmolLM2-135M-Instruct (the Hub,
+or offline from the package registry: ``ldfa_hf.pretrained``).
+
+    python integrations/trl_sft.py --steps 100                  # LoRA + LDFA
+    python integrations/trl_sft.py --steps 100 --no-ldfa        # plain LoRA, to compare
+    python integrations/trl_sft.py --steps 100 --resume         # continue from the last checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+import ldfa_hf
+from ldfa_hf import LDFACallback, LDFAConfig
+
+
+def arithmetic(n: int, seed: int = 0):
+    """A prompt-completion chat data set: "What is 417 + 385?" → "802"."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        rows.append({"prompt": [{"role": "user", "content": f"What is {a} + {b}? Answer with the number only."}],
+                     "completion": [{"role": "assistant", "content": str(a + b)}]})
+    return Dataset.from_list(rows)
+
+
+def main(argv=None):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="a model folder or Hub id (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--output-dir", default="out/trl_sft")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--save-steps", type=int, default=50)
+    parser.add_argument("--examples", type=int, default=4000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-ldfa", action="store_true", help="plain LoRA with backprop")
+    parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
+    args = parser.parse_args(argv)
+
+    path = args.model or str(ldfa_hf.pretrained.smollm2_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    config = SFTConfig(output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                       gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="constant",
+                       logging_steps=min(10, args.steps), save_steps=args.save_steps, report_to="none", seed=args.seed,
+                       completion_only_loss=True, bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())
+    trainer = SFTTrainer(model=model, args=config, train_dataset=arithmetic(args.examples, args.seed),
+                         processing_class=tokenizer,
+                         peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
+    if not args.no_ldfa:
+        plugin = ldfa_hf.wrap(trainer.model, LDFAConfig.for_finetuning())  # the PEFT model TRL built
+        plugin.summary()
+        LDFACallback(plugin).install(trainer)
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""QLoRA: bitsandbytes 4-bit base layers get LDFA feedback (de-quantised factors, no 4-bit backward)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import ldfa_hf
+from ldfa_hf import LDFAConfig
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+
+
+def quantize(model: nn.Module, skip=("lm_head",)) -> nn.Module:
+    """Every nn.Linear but ``skip`` becomes an nf4 ``Linear4bit`` holding the same (rounded) weight."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name not in skip:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+                setattr(module, child_name, q.to("cpu"))
+    return model
+
+
+def tiny_qlora(seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = quantize(LlamaForCausalLM(config))
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]))
+
+
+def batch(seed=0):
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def test_4bit_base_layers_are_targeted_not_left_exact():
+    model = tiny_qlora()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ldfa_hf.LDFAWarning)  # no "left exact" warning any more
+        plugin = ldfa_hf.wrap(model, LDFAConfig(rank=4, rule="streaming"))
+    kinds = {t.kind for t in plugin.targets.values()}
+    assert "linear4bit" in kinds
+    assert sum(t.kind == "linear4bit" for t in plugin.targets.values()) == 14  # 7 per block, 2 blocks
+    name = next(n for n, t in plugin.targets.items() if t.kind == "linear4bit")
+    view = plugin.layers[name]
+    W = bnb.functional.dequantize_4bit(view.module.weight.data, view.module.weight.quant_state)
+    assert view.shape == tuple(W.shape) and torch.equal(view.weight(), W)
+
+
+def test_bp_rule_gives_plain_qlora_gradients():
+    reference = tiny_qlora()
+    model = copy.deepcopy(reference)
+    ldfa_hf.wrap(model, LDFAConfig(rule="bp"))
+    reference(**batch()).loss.backward()
+    model(**batch()).loss.backward()
+    expected, got = lora_grads(reference), lora_grads(model)
+    assert expected.keys() == got.keys() and len(got) == 28
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_low_rank_feedback_changes_qlora_gradients_and_trains():
+    model = tiny_qlora()
+    plugin = ldfa_hf.wrap(model, LDFAConfig.for_finetuning(rank=2))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    losses = []
+    for step in range(12):
+        if step == 1:  # step 0 is exact; from step 1 on the feedback is rank 2
+            exact = copy.deepcopy(model)  # a copy trains with exact backprop (its hooks are orphans)
+            exact(**batch()).loss.backward()
+        loss = model(**batch()).loss
+        loss.backward()
+        if step == 1:
+            got, expected = lora_grads(model), lora_grads(exact)
+            assert got.keys() == expected.keys()
+            lower = [n for n in got if "layers.0." in n]
+            assert any(not torch.allclose(got[n], expected[n], atol=1e-6) for n in lower)
+            upper = [n for n in got if "layers.1.mlp.down_proj.lora_B" in n]  # the last layer sees the exact error
+            assert all(torch.allclose(got[n], expected[n], atol=1e-6) for n in upper)
+        optimizer.step(); optimizer.zero_grad(); plugin.step()
+        losses.append(loss.item())
+    assert plugin.stats()["skipped_updates"] == 0
+    exact_model = tiny_qlora()  # the same run with exact QLoRA gradients
+    ldfa_hf.wrap(exact_model, LDFAConfig(rule="bp"))
+    optimizer = torch.optim.AdamW([p for p in exact_model.parameters() if p.requires_grad], lr=5e-2)
+    exact_losses = []
+    for step in range(12):
+        loss = exact_model(**batch()).loss
+        loss.backward()
+        optimizer.step(); optimizer.zero_grad()
+        exact_losses.append(loss.item())
+    assert losses[0] == pytest.approx(exact_losses[0])
+    assert losses[0] - losses[-1] > 0.5 * (exact_losses[0] - exact_losses[-1]) > 0

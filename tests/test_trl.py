@@ -1,0 +1,55 @@
+"""TRL's SFTTrainer + PEFT LoRA (built by TRL from peft_config=) + LDFA: trains, accumulates, resumes bit-identically."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("trl")
+
+from benchmarks.llm_sft import tiny_llama  # noqa: E402
+from integrations import trl_sft  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llm")
+    model, tokenizer = tiny_llama()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def run(folder, out, *extra):
+    return trl_sft.main(["--model", folder, "--output-dir", str(out), "--steps", "4", "--save-steps", "2",
+                         "--batch-size", "2", "--grad-accum", "2", "--examples", "32", *extra])
+
+
+def adapter(folder):
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def test_sft_trainer_with_peft_config_trains_with_ldfa_and_resumes_bit_identically(tiny_folder, tmp_path):
+    trainer = run(tiny_folder, tmp_path / "a")
+    plugin = next(cb.plugin for cb in trainer.callback_handler.callbacks if hasattr(cb, "plugin"))
+    assert plugin.num_steps == 4 and plugin.rule.name == "streaming"
+    assert all(".base_layer" in name or name.endswith("lm_head") for name in plugin.targets)  # never an adapter
+    assert sorted(os.listdir(tmp_path / "a" / "checkpoint-2")).count("ldfa_state.safetensors") == 1
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoint-4")
+    run(tiny_folder, tmp_path / "b", "--resume")
+    for name in ("checkpoint-4",):
+        a, b = adapter(tmp_path / "a" / name), adapter(tmp_path / "b" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        sa = load_file(tmp_path / "a" / name / "ldfa_state.safetensors")
+        sb = load_file(tmp_path / "b" / name / "ldfa_state.safetensors")
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    run(tiny_folder, tmp_path / "c", "--no-ldfa")  # plain LoRA takes other steps: LDFA changed the gradients
+    a, c = adapter(tmp_path / "a" / "checkpoint-4"), adapter(tmp_path / "c" / "checkpoint-4")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
