@@ -37,6 +37,7 @@ import csv
 import os
 import statistics
 import time
+import warnings
 import weakref
 
 import torch
@@ -53,9 +54,16 @@ CYCLE = 4  # steps per timed sample: one svd-refit sweep and one calibration ste
 
 
 def attach(model: nn.Module, method: str, rank: int):
-    """The plugin for ``method`` (``None`` for plain backprop)."""
+    """The plugin for ``method`` (``None`` for plain backprop). Speed only: svd on a LoRA base is
+    timed although it is the wrong rule for fine-tuning, so its warning is silenced here."""
     if method == "backprop":
         return None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "LDFA rule='svd' on a model whose targeted weights", ldfa_hf.LDFAWarning)
+        return _wrap(model, method, rank)
+
+
+def _wrap(model: nn.Module, method: str, rank: int):
     if method == "svd-refit":
         return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="svd", refit_every=CYCLE))
     return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="bp" if method == "bp-rule" else method))  # floor too

@@ -82,12 +82,10 @@ def load_checkpoint(path: str, model, optimizer, plugin) -> int:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from ldfa_hf.plugin import STATE_NAME, load_state_file
-
     state = checkpoint_state(model, optimizer)
     dcp.load(state, checkpoint_id=os.path.join(path, "shards"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    plugin.load_state_dict(load_state_file(os.path.join(path, "ldfa", STATE_NAME)))
+    plugin.load_pretrained(os.path.join(path, "ldfa"))
     with open(os.path.join(path, "step.txt")) as fh:
         return int(fh.read())
 

@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerCallback
 
 from .config import LDFAWarning
-from .plugin import STATE_NAME, LDFAPlugin, load_state_file
+from .plugin import STATE_NAME, LDFAPlugin
 
 
 class LDFACallback(TrainerCallback):
@@ -96,11 +96,7 @@ class LDFACallback(TrainerCallback):
                 f"resuming at a checkpoint without LDFA state: {path} does not exist. Refusing to re-initialise the "
                 "feedback silently; pass LDFACallback(plugin, resume_from_checkpoint=...) if the checkpoint is elsewhere"
             )
-        state = load_state_file(path)
-        try:
-            self.plugin.load_state_dict(state)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+        self.plugin.load_pretrained(folder)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: no weight update, no factor update

@@ -404,6 +404,24 @@ class LDFAPlugin:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, os.path.join(save_directory, STATE_NAME), metadata={"format": "pt", "rule": self.config.rule})
 
+    def load_pretrained(self, directory: Union[str, os.PathLike]) -> "LDFAPlugin":
+        """Load the state ``save_pretrained`` wrote in ``directory`` into this attached plugin.
+
+        Every key and shape is checked first; a missing, corrupt or mismatched file is named in
+        the error and nothing changes.
+
+        Example:
+            >>> plugin = ldfa_hf.wrap(model, LDFAConfig.from_pretrained("ckpt"))
+            >>> plugin.load_pretrained("ckpt")
+        """
+        path = os.path.join(directory, STATE_NAME)
+        state = load_state_file(path)
+        try:
+            self.load_state_dict(state)
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"{path}: {err}") from None
+        return self
+
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], model: nn.Module) -> "LDFAPlugin":
         """Wrap ``model`` with the config and state saved in ``directory``.
@@ -411,13 +429,13 @@ class LDFAPlugin:
         A missing or unreadable file names itself; on any failure the model is left unwrapped.
         """
         config = LDFAConfig.from_pretrained(directory)
-        state = load_state_file(os.path.join(directory, STATE_NAME))
+        load_state_file(os.path.join(directory, STATE_NAME))  # a missing or corrupt file fails before wrapping
         plugin = cls(config).attach(model)
         try:
-            plugin.load_state_dict(state)
-        except (ValueError, KeyError) as err:
+            plugin.load_pretrained(directory)
+        except BaseException:
             plugin.detach()
-            raise ValueError(f"{os.path.join(directory, STATE_NAME)}: {err}") from None
+            raise
         return plugin
 
     def __repr__(self) -> str:

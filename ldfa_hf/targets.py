@@ -111,6 +111,10 @@ def find_targets(model: nn.Module, config: LDFAConfig) -> dict[str, tuple[nn.Mod
     if not chosen:
         available = ", ".join(list(supported)[:12]) + (" ..." if len(supported) > 12 else "")
         extra = f"; it matched only layers LDFA does not target: {', '.join(unsupported_hits[:6])}" if unsupported_hits else ""
+        spec = config.target_modules
+        if isinstance(spec, str) and any(_names(n, spec) for n in supported):
+            extra += (f". A string is a regular expression over the whole module name; for the layers named "
+                      f"{spec!r} pass a list, target_modules=[{spec!r}], or the regex '.*{spec}'")
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no targetable layer{extra}. "
             f"Targetable layers are: {available}"

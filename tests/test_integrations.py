@@ -4,6 +4,8 @@ exercised in test_distributed.py and test_trainer.py, the PEFT one in test_peft.
 import os
 import sys
 
+import torch
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "integrations"))
@@ -29,6 +31,12 @@ def test_hf_trainer_text_tiny(tmp_path, capsys):
 
 def test_accelerate_ddp_single_process_tiny(tmp_path, capsys):
     import accelerate_ddp
+    from safetensors.torch import load_file
 
     accelerate_ddp.main(["--tiny", "--steps", "3", "--save-dir", str(tmp_path)])
-    assert os.path.exists(tmp_path / "factors_rank0.safetensors")
+    out = capsys.readouterr().out
+    state = load_file(tmp_path / "factors_rank0.safetensors")
+    assert int(state["__ldfa__.num_steps"]) == 3  # the plugin stepped once per optimizer step
+    factors = {k: v for k, v in state.items() if k.endswith((".P", ".Q"))}
+    assert factors and all(torch.isfinite(v).all() for v in factors.values())
+    assert "step 2 loss" in out and "estimated backward multiply-adds" in out

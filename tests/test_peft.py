@@ -13,6 +13,9 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 import ldfa_hf  # noqa: E402
 from ldfa_hf import LDFAConfig  # noqa: E402
 
+# these tests exercise the mechanics with the default rule on a LoRA model, which warns (tested below)
+pytestmark = pytest.mark.filterwarnings("ignore:LDFA rule='svd' on a model whose targeted weights:ldfa_hf.LDFAWarning")
+
 from conftest import batch_for, tiny_bert  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,3 +111,11 @@ def test_ldfa_step_on_frozen_layers_allocates_no_more_than_backprop():
             loss.backward()
         peaks[method] = tracker.peak
     assert peaks["ldfa"] <= peaks["bp"], peaks  # an unneeded output gradient once kept 512×128 floats alive
+
+
+@pytest.mark.filterwarnings("error::ldfa_hf.LDFAWarning")
+def test_default_rule_on_a_frozen_lora_base_warns_and_for_finetuning_does_not():
+    with pytest.warns(ldfa_hf.LDFAWarning, match=r"mostly frozen \(\d+ of \d+.*LDFAConfig.for_finetuning\(\)"):
+        ldfa_hf.wrap(lora_bert(), LDFAConfig(rank=2))
+    ldfa_hf.wrap(lora_bert(), LDFAConfig.for_finetuning(rank=2))  # no warning: the error filter would raise
+    ldfa_hf.wrap(tiny_bert(), LDFAConfig(rank=2))  # training from scratch: svd is the right rule, no warning

@@ -127,3 +127,17 @@ def test_layers_is_a_read_only_view_of_each_targeted_layer():
     assert view.forward_samples == 3 and view.pending_samples == 3 and set(view.statistics) == {"delta_xq", "z_x"}
     plugin.step()
     assert plugin.layers["2"].pending_samples == 0 and not plugin.layers["2"].statistics
+
+
+def test_a_plain_string_target_that_names_layers_says_a_list_was_probably_meant():
+    import pytest
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import ldfa_hf
+    from ldfa_hf import LDFAConfig
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ValueError, match=r"regular expression over the whole module name.*target_modules=\['q_proj'\]"):
+        ldfa_hf.wrap(model, LDFAConfig(target_modules="q_proj"))
+    assert len(ldfa_hf.wrap(model, LDFAConfig(target_modules=["q_proj"])).targets) == 1
