@@ -11,7 +11,8 @@ Tasks (our own, made from a seed, so nothing is downloaded):
 
 Methods: ``lora`` (backprop), ``finetune`` (``LDFAConfig.for_finetuning()``, nothing tuned per
 task), or a variant string: a rule name and words such as ``r32``, ``head`` (the LM head left
-exact), ``top2`` (the last 2 blocks left exact), ``every8``, ``rows32``.
+exact), ``od`` (o_proj and down_proj left exact), ``top2`` (the last 2 blocks left exact),
+``exact0.67`` (``exact_top=0.67``: the top two thirds of the layers exact), ``every8``, ``rows32``.
 
     python -m benchmarks.llm_sft --task arith --methods finetune "calibrated r32" --seeds 0 1
     python -m benchmarks.llm_sft --tiny          # a tiny random Llama, seconds (the tests)
@@ -31,6 +32,7 @@ import torch
 
 import ldfa_hf
 
+from . import floor  # noqa: F401  (registers rule="floor", zero feedback, for the Pareto table)
 from .harness import out_path
 
 FIELDS = ["task", "peft", "method", "seed", "steps", "tokens_per_step", "exact_match", "eval_loss",
@@ -192,6 +194,10 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             settings["rank"] = int(word[1:])
         elif word == "head":
             exclude.append("lm_head")
+        elif word == "od":  # the layers whose input gradient is the error of the block's own adapters
+            exclude += [r".*o_proj.*", r".*down_proj.*"]
+        elif word.startswith("exact") and word[5:].replace(".", "", 1).isdigit():  # exact0.67: exact_top
+            settings["exact_top"] = float(word[5:])
         elif word.startswith("top") and word[3:].isdigit():
             exclude += [rf".*layers\.{i}\..*" for i in range(num_layers - int(word[3:]), num_layers)]
         elif word.startswith("every"):

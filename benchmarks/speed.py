@@ -64,12 +64,15 @@ def attach(model: nn.Module, method: str, rank: int):
 
 
 def _wrap(model: nn.Module, method: str, rank: int):
+    if method == "finetune":  # the documented fine-tuning configuration
+        return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig.for_finetuning(rank=rank))
     if method == "svd-refit":
         return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="svd", refit_every=CYCLE))
     return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="bp" if method == "bp-rule" else method))  # floor too
 
 
-CASES = ("mlp", "llama", "mlp-lora", "llama-lora")
+CASES = ("mlp", "llama", "mlp-lora", "llama-lora", "smollm2-lora", "smollm2-lora-256")
+SMOLLM2_TOKENS = {"smollm2-lora": (8, 128), "smollm2-lora-256": (2, 128)}  # (sequences, tokens) per step
 LORA_R = 8
 
 
@@ -100,7 +103,34 @@ def build(case: str, tiny: bool, width: int | None = None):
             model = with_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
         return model, lambda: {"input_ids": ids, "labels": ids}, lambda model, b: model(**b).loss
+    if base in SMOLLM2_TOKENS or case in SMOLLM2_TOKENS:
+        return smollm2_lora(case, tiny)
     raise ValueError(f"unknown case {case!r}; choose from {CASES}")
+
+
+def smollm2_lora(case: str, tiny: bool):
+    """Pretrained SmolLM2-135M-Instruct with PEFT LoRA r=8 on all linear layers, on Python-doc text
+    (``tiny``: the 2-block random Llama of the LLM benchmark)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .llm_sft import tiny_llama
+
+    sequences, length = SMOLLM2_TOKENS[case]
+    if tiny:
+        model, tokenizer = tiny_llama()
+        sequences, length = 2, 16
+    else:
+        folder = ldfa_hf.pretrained.smollm2_path()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    from pydoc_data.topics import topics
+
+    ids = tokenizer(" ".join(topics[k] for k in sorted(topics))[:200_000], add_special_tokens=False)["input_ids"]
+    batch = torch.tensor(ids[:sequences * length]).view(sequences, length)
+    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules="all-linear",
+                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
+    return model, lambda: {"input_ids": batch, "labels": batch}, lambda model, b: model(**b).loss
 
 
 def with_lora(model: nn.Module, target_modules: list[str]) -> nn.Module:
@@ -388,7 +418,9 @@ def write_rows(path: str, rows: list[dict]) -> None:
 
 
 def table(args, cases, compiled: bool = False, bf16: bool = False, out: str | None = None) -> list[dict]:
-    methods = ("backprop", "svd") if compiled else METHODS
+    methods = ("backprop", "svd") if compiled else tuple(getattr(args, "methods", None) or METHODS)
+    if "backprop" not in methods:
+        methods = ("backprop", *methods)
     results = []
     for case in cases:
         result = measure(case, args.rank, args.reps, args.warmup, args.tiny, args.device,
@@ -425,6 +457,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["mlp", "llama", "llama-lora"], choices=CASES)
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help=f"methods to time (default: {' '.join(METHODS)}); also finetune (LDFAConfig.for_finetuning()), "
+                             "streaming, and any registered rule")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -125,6 +125,11 @@ def find_targets(model: nn.Module, config: LDFAConfig) -> dict[str, tuple[nn.Mod
             f"exclude_modules={config.exclude_modules!r} excludes every one of the "
             f"{len(chosen)} layers matched by target_modules={config.target_modules!r}"
         )
+    if config.exact_top:  # the layers nearest the output (last in module order) keep exact backprop
+        names = list(kept)
+        kept = {n: kept[n] for n in names[:len(names) - round(config.exact_top * len(names))]}
+        if not kept:
+            raise ValueError(f"exact_top={config.exact_top} leaves none of the {len(names)} targeted layers to LDFA")
     result = {}
     for name, (module, kind) in kept.items():
         shape = kind.shape(module)

@@ -1,0 +1,92 @@
+"""LLM fine-tuning pieces: the offline loader's errors, exact_top, summary() at LLM scale, the benchmarks (tiny)."""
+
+import csv
+
+import pytest
+import torch
+
+import ldfa_hf
+from ldfa_hf import LDFAConfig
+from ldfa_hf.pretrained import convert_gguf
+
+
+def tiny_llama(layers=4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def test_a_missing_or_corrupt_gguf_file_is_named_and_nothing_is_written(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found: .*nope.gguf"):
+        convert_gguf(tmp_path / "nope.gguf", tmp_path / "out")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ValueError, match="bad.gguf is not a GGUF file"):
+        convert_gguf(bad, tmp_path / "out")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + b"\x00" * 16)
+    with pytest.raises(ValueError, match="truncated.gguf could not be read"):
+        convert_gguf(truncated, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.part").exists()
+
+
+def test_exact_top_leaves_the_layers_nearest_the_output_exact():
+    model = tiny_llama()
+    names = list(ldfa_hf.wrap(model, LDFAConfig(rank=4, rule="fixed")).targets)
+    other = tiny_llama()
+    plugin = ldfa_hf.wrap(other, LDFAConfig(rank=4, rule="fixed", exact_top=0.5))
+    kept = list(plugin.targets)
+    assert kept == names[:len(names) - round(0.5 * len(names))]  # the first half in module order
+    assert "lm_head" not in kept and not any(".layers.3." in n for n in kept)  # the top block and head: exact
+    with pytest.raises(ValueError, match="exact_top must be a fraction"):
+        LDFAConfig(exact_top=1.0)
+    with pytest.raises(ValueError, match="exact_top must be a fraction"):
+        LDFAConfig(exact_top=-0.1)
+
+
+def test_summary_groups_same_role_layers_and_says_what_it_assumed():
+    model = tiny_llama(layers=6)
+    plugin = ldfa_hf.wrap(model, LDFAConfig.for_finetuning(rank=8))
+    text = plugin.summary(print_fn=None)
+    lines = text.splitlines()
+    assert len(lines) < 15  # one line per role, not per layer
+    assert any(line.split()[:2] == [str(sum(1 for n in plugin.targets if n.endswith("mlp.up_proj"))),
+                                    "model.layers.*.mlp.up_proj"] for line in lines)
+    import re
+
+    assert "assumed" in text and "upper bound" in text and float(re.search(r"(-?[\d.]+)% fewer", text).group(1)) > 0
+    given = plugin.summary(print_fn=None, samples=1024)
+    assert "1,024 rows (tokens) per layer and step, as given" in given
+    ids = torch.randint(0, 512, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    seen = plugin.summary(print_fn=None)
+    assert "last training forward" in seen and "assumed" not in seen
+
+
+def test_summary_never_prints_a_negative_saving():
+    model = tiny_llama(layers=2)
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="streaming", rank=8))
+    text = plugin.summary(print_fn=None, samples=1)  # one row: the re-aim outweighs what the feedback saves
+    assert "no saving at this size" in text and "% fewer" not in text
+
+
+def test_llm_sft_tiny_writes_a_resumable_csv(tmp_path):
+    from benchmarks import llm_sft
+
+    out = tmp_path / "llm.csv"
+    llm_sft.main(["--tiny", "--methods", "finetune", "calibrated r4 exact0.5", "--out", str(out)])
+    rows = list(csv.DictReader(open(out)))
+    assert [r["method"] for r in rows] == ["finetune", "calibrated r4 exact0.5"]
+    assert all(float(r["speedup"]) > 0 and float(r["eval_loss"]) > 0 for r in rows)
+    llm_sft.main(["--tiny", "--methods", "finetune", "--out", str(out)])  # done cells are not run again
+    assert len(list(csv.DictReader(open(out)))) == 2
+
+
+def test_llm_gradients_tiny_bp_is_exact_and_ldfa_is_not():
+    from benchmarks import llm_gradients
+
+    rows = {r["method"]: r for r in llm_gradients.main(["--tiny", "--methods", "bp", "fixed r2"])}
+    assert float(rows["bp"]["cos_all"]) == pytest.approx(1.0, abs=1e-4)
+    assert float(rows["fixed r2"]["cos_all"]) < 0.99
