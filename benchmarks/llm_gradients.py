@@ -43,7 +43,7 @@ def measure(methods, tiny: bool, warm_steps: int = 6, batch_size: int = 8) -> li
     enc = Encoder(tok)
     examples = task_examples("arith", 400, seed=7)
     torch.manual_seed(0)
-    model = with_lora(base, "lora", 0)
+    model = with_lora(base, "lora", 0).train()  # from_pretrained returns eval mode: no statistics there
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for i in range(warm_steps):  # exact LoRA steps first: with lora_B = 0 the adapters' A has no gradient
         model(**enc.batch(examples[i * batch_size:(i + 1) * batch_size])).loss.backward()

@@ -229,6 +229,8 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
     num_layers = base.config.num_hidden_layers
     plugin = ldfa_hf.wrap(ldfa_model, config_for(method, num_layers))
     models = {"bp": bp_model, "ldfa": ldfa_model}
+    for model in models.values():
+        model.train()  # from_pretrained returns eval mode, in which LDFA gathers no statistics
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
             for k, m in models.items()}
     times = {"bp": [], "ldfa": []}

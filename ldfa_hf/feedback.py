@@ -119,6 +119,7 @@ class FeedbackHook:
         self.last_samples = 0       # samples per forward, for the FLOP estimate
         self.input_needs_grad = True
         self.skipped = 0            # updates skipped for non-finite statistics
+        self.eval_forward = False   # its last forward with gradients ran in eval mode
         self.backward_seen = False  # statistics reached this layer since the last step (kept by reset_statistics)
         self.state: dict = {}       # the rule's own per-layer state
         self._x: Optional[Tensor] = None
@@ -160,6 +161,7 @@ class FeedbackHook:
             return None
         if not self.switch.enabled or not isinstance(output, Tensor):
             return None
+        self.eval_forward = not module.training  # a rule's statistics are gathered in training mode only
         training = self.switch.collecting and module.training
         # an input that needs no gradient never uses the feedback, so its statistics would be waste
         collect = bool(training and x.requires_grad and self.rule.collects(self))

@@ -74,6 +74,7 @@ class LDFAPlugin:
         self._model: Optional[nn.Module] = None
         self._synced = False
         self._pending = False  # factors wait for real weights (model wrapped on the meta device)
+        self._warned_eval = False
 
     # -- attach / detach ---------------------------------------------------------------------
     def attach(self, model: nn.Module) -> "LDFAPlugin":
@@ -209,6 +210,7 @@ class LDFAPlugin:
         self._require_factors("LDFAPlugin.step()")
         self._sync_once()
         layers = list(self._hooks.values())
+        self._warn_if_eval_mode(layers)
         self._average_statistics(layers)
         self.num_steps += 1
         interval = self.refresh_interval
@@ -220,6 +222,19 @@ class LDFAPlugin:
         if refresh:
             self.refresh()
         self._schedule()
+
+    def _warn_if_eval_mode(self, layers: list[FeedbackHook]) -> None:
+        """Statistics are gathered in training mode only; a step whose forward ran in eval mode
+        (``from_pretrained`` returns eval mode) would leave a rule that needs them learning nothing."""
+        if self._warned_eval or not any(self.rule.stat_shapes(h) for h in layers):
+            return
+        if all(h.eval_forward for h in layers) and not any(h.backward_seen for h in layers):
+            warnings.warn(
+                f"LDFA: the model's forward ran in eval mode, where LDFA gathers no statistics, so rule "
+                f"{self.config.rule!r} learnt nothing this step; call model.train() before training "
+                "(from_pretrained returns a model in eval mode; the Trainer calls train() itself)",
+                LDFAWarning, stacklevel=3)
+            self._warned_eval = True
 
     def _schedule(self) -> None:
         """Tell the rule which step comes next (a function of the step count only, so a resumed

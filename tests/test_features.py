@@ -209,3 +209,18 @@ def test_torch_compile_sees_hooks_added_and_removed_after_compiling():
     torch.testing.assert_close(_input_grad(torch.compile(other, backend="aot_eager"), x), expected)
     plugin.detach()
     torch.testing.assert_close(_input_grad(compiled, x), exact)
+
+
+def test_a_training_step_in_eval_mode_warns_when_the_rule_needs_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).eval()  # as from_pretrained returns it
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="calibrated", rank=2))
+    model(torch.randn(4, 6)).sum().backward()
+    with pytest.warns(ldfa_hf.LDFAWarning, match="forward ran in eval mode.*call model.train"):
+        plugin.step()
+    model.train()
+    model(torch.randn(4, 6)).sum().backward()
+    plugin.step()  # no second warning, and training mode gathers statistics again
+    svd = ldfa_hf.wrap(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).eval(), LDFAConfig(rank=2))
+    svd.model(torch.randn(4, 6)).sum().backward()
+    svd.step()  # svd gathers nothing: eval mode changes nothing for it, so no warning

@@ -123,7 +123,8 @@ class Calibrated(Rule):
         if not self.calibrating:
             return
         layers = [layer for layer in layers if layer.P is not None]
-        if layers and not any(layer.backward_seen for layer in layers):
+        eval_mode = all(layer.eval_forward for layer in layers)  # the plugin warns about that itself
+        if layers and not eval_mode and not any(layer.backward_seen for layer in layers):
             from ..config import LDFAWarning
 
             warnings.warn("LDFA calibrated: plugin.step() was called with no backward since the last step, so this "
