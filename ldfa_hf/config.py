@@ -27,7 +27,7 @@ RULE_SETTINGS = ("refit_every", "calibrate_every", "feedback_lr", "feedback_weig
 
 
 # LDFAConfig.for_finetuning(): measured on SmolLM2-135M LoRA and MiniLM (RESULTS.md g, e)
-FINETUNING: dict = {"rule": "streaming", "rank": 32, "exclude_modules": ["lm_head"]}
+FINETUNING: dict = {"rule": "calibrated", "rank": 32, "exact_top": 0.5}
 
 
 class LDFAWarning(UserWarning):

@@ -130,8 +130,12 @@ class Calibrated(Rule):
             warnings.warn("LDFA calibrated: plugin.step() was called with no backward since the last step, so this "
                           "calibration step saw no gradients (call it once per optimizer step, after backward)",
                           LDFAWarning, stacklevel=4)
+        self.recalibrate(layers)
+
+    def recalibrate(self, layers) -> None:
+        """Re-aim every layer whose sketch saw errors this step; a non-finite sketch is skipped."""
         for layer in layers:
-            if layer.samples == 0 or "sketch" not in layer.stats:
+            if layer.P is None or layer.samples == 0 or "sketch" not in layer.stats:
                 continue
             if not bool(torch.isfinite(layer.stats["sketch"]).all()):
                 self.skip(layer)

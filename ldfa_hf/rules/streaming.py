@@ -53,15 +53,7 @@ class Streaming(Calibrated):
         return gx
 
     def update(self, layers, step, refreshing=False):
-        for layer in layers:
-            if layer.P is None or layer.samples == 0 or "sketch" not in layer.stats:
-                continue
-            if not bool(torch.isfinite(layer.stats["sketch"]).all()):
-                self.skip(layer)
-                continue
-            factors = self.calibrate(layer)
-            if factors is not None:
-                self.set_factors(layer, *factors)
+        self.recalibrate(layers)  # every step, from the rows it sketched
 
     def calibrate(self, layer):
         sketch = layer.stats["sketch"]
