@@ -12,8 +12,6 @@ step by step at a fraction of the cost of exact steps.
 
 from __future__ import annotations
 
-import torch
-
 from .calibrated import Calibrated
 
 
