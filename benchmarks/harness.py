@@ -11,6 +11,7 @@ import csv
 import os
 import statistics
 import time
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -54,7 +55,9 @@ def attach(model: nn.Module, method: str, rank: int, seed: int, refresh_every: i
         return None
     if "refresh_every" in rule_class(method).settings:  # the rules that refresh from W
         config["refresh_every"] = refresh_every
-    return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rule=method, rank=max(rank, 1), seed=seed, **config))
+    with warnings.catch_warnings():  # svd on a LoRA base is measured on purpose (the tables show it fail)
+        warnings.filterwarnings("ignore", "LDFA rule='svd' on a model whose targeted weights", ldfa_hf.LDFAWarning)
+        return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rule=method, rank=max(rank, 1), seed=seed, **config))
 
 
 def logits_of(output) -> torch.Tensor:

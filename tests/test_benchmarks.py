@@ -246,11 +246,22 @@ def test_bench_outside_a_checkout_says_where_to_run_it(tmp_path):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    import shutil
+
+    import ldfa_hf
+
+    # an installed copy of the package, with no checkout around it, refuses and says where to run
+    shutil.copytree(os.path.dirname(ldfa_hf.__file__), tmp_path / "site" / "ldfa_hf")
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(tmp_path / "site")}
     result = subprocess.run([sys.executable, "-c", "from ldfa_hf import cli; cli.main(['bench', 'mnist'])"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "source checkout" in result.stderr and "python -m benchmarks.NAME" in result.stderr
+    # an editable install knows its checkout, from any folder
+    env.pop("PYTHONPATH")
+    result = subprocess.run([sys.executable, "-c", "from ldfa_hf import cli; cli.main(['bench', 'teacher_student', "
+                             "'--help'])"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: ldfa-hf bench teacher_student" in result.stdout
 
 
 def test_convnext_transfer_tiny(tmp_path, monkeypatch):

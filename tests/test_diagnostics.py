@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -96,6 +97,7 @@ def test_dfa_diagnostics():
     assert "on 15 layers" in plugin.summary(print_fn=None)
 
 
+@pytest.mark.filterwarnings("ignore:LDFA rule='svd' on a model whose targeted weights:ldfa_hf.LDFAWarning")
 def test_frozen_weights_cost_no_weight_gradient_and_no_svd_descent():
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     for layer in (model[0], model[2]):
@@ -108,6 +110,7 @@ def test_frozen_weights_cost_no_weight_gradient_and_no_svd_descent():
     assert cost["rule"] == 2 * 640 * 4  # the svd descent only for the trained head
 
 
+@pytest.mark.filterwarnings("ignore:LDFA rule='svd' on a model whose targeted weights:ldfa_hf.LDFAWarning")
 def test_svd_rule_leaves_factors_of_frozen_weights_at_their_svd():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(48, 40), nn.Tanh(), nn.Linear(40, 6))

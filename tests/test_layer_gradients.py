@@ -107,6 +107,7 @@ def test_conv2d_layer(rule, spec):
         assert rel_err(gx, ref_gx) > 1e-3
 
 
+@pytest.mark.filterwarnings("ignore:LDFA rule='svd' on a model whose targeted weights:ldfa_hf.LDFAWarning")
 def test_frozen_weight_still_gets_ldfa_input_grad():
     layer, x = linear_case()
     layer.requires_grad_(False)
