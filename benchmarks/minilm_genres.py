@@ -39,7 +39,7 @@ LOG_EVERY = 5  # optimizer steps between logged training losses
 TASKS = {"genres": "Shakespeare genres", "pydoc": "Python-doc sections"}
 # A variant is a space-separated list of changes from the library defaults ("" = the defaults):
 #   everyK      calibrate_every=K
-#   errors      calibrated rule aims P at the output-error subspace, Q = PᵀW (rule.subspace = "output")
+#   errors      calibrated rule aims P at the output-error subspace, Q = PᵀW (rule_options={"subspace": "output"})
 #   warmup      also calibrate on steps 1, 2, 4, ... below calibrate_every (rule_options={"warmup": True})
 #   memoryB     fit each calibration to a running sum of sketches, decay B (rule_options={"memory": B}, e.g. memory0.5)
 #   exact-head  pooler and classifier keep exact backprop (no residual path around them)
