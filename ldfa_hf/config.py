@@ -26,7 +26,7 @@ RuleName = Literal["svd", "local", "oja", "calibrated", "streaming", "fixed", "f
 RULE_SETTINGS = ("refit_every", "calibrate_every", "feedback_lr", "feedback_weight_decay")
 
 
-# LDFAConfig.for_finetuning(): measured on SmolLM2-135M LoRA and MiniLM (RESULTS.md g, e)
+# LDFAConfig.for_finetuning(): chosen on SmolLM2-135M LoRA (RESULTS.md g); MiniLM (section e) used exact_top=0
 FINETUNING: dict = {"rule": "calibrated", "rank": 32, "exact_top": 0.5}
 
 
