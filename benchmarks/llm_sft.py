@@ -193,7 +193,7 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
         if word.startswith("r") and word[1:].isdigit():
             settings["rank"] = int(word[1:])
         elif word == "head":
-            exclude.append("lm_head")
+            exclude.append(r".*lm_head")
         elif word == "od":  # the layers whose input gradient is the error of the block's own adapters
             exclude += [r".*o_proj.*", r".*down_proj.*"]
         elif word.startswith("exact") and word[5:].replace(".", "", 1).isdigit():  # exact0.67: exact_top
@@ -208,9 +208,8 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             options["decay"] = float(word[5:])
         else:
             raise ValueError(f"unknown word {word!r} in method {method!r}")
-    if exclude:
-        plain = [e for e in exclude if not e.startswith(".*")]
-        settings["exclude_modules"] = "|".join([rf".*{e}" for e in plain] + [e for e in exclude if e.startswith(".*")])
+    if exclude:  # every entry is a regex over the whole module name
+        settings["exclude_modules"] = "|".join(exclude)
     return ldfa_hf.LDFAConfig(rule_options=options, **settings)
 
 

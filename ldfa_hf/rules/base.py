@@ -61,6 +61,7 @@ class Rule:
     exact = False       # sends the exact error down (diagnostics report no feedback error)
     options: dict = {}  # rule_options this rule accepts, with their defaults
     settings: tuple = ()  # LDFAConfig fields it reads beyond rank, targets, error_clip and seed
+    state_keys: tuple = ()  # the tensors a rule keeps in ``layer.state`` for checkpoints
     lr = 0.0
     weight_decay = 0.0
     error_clip: Optional[float] = None
@@ -251,8 +252,6 @@ class Rule:
             elif head in names and item in self.state_keys:
                 ok.add(key)
         return sorted(keys - ok)
-
-    state_keys: tuple = ()  # the tensors a rule keeps in ``layer.state`` for checkpoints
 
     def load_state_dict(self, layers: list, state: dict[str, Tensor]) -> None:
         """Restore ``state_dict`` output (already checked by ``unexpected_state``)."""
