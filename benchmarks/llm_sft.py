@@ -14,15 +14,19 @@ task), or a variant string: a rule name and words such as ``r32``, ``head`` (the
 exact), ``od`` (o_proj and down_proj left exact), ``top2`` (the last 2 blocks left exact),
 ``exact0.67`` (``exact_top=0.67``: the top two thirds of the layers exact), ``every8``, ``rows32``.
 
+``--peft`` picks LoRA r=8 on all linear layers (default), QLoRA (the same adapters on an nf4
+bitsandbytes base loaded with ``BitsAndBytesConfig``) or full fine-tuning (every weight trains).
+``--curve N`` records both models' held-out loss every N steps against their own step clocks
+(``llm_sft_curve.csv``) and draws the time-to-quality plot ``llm_sft_curve.png``.
+
     python -m benchmarks.llm_sft --task arith --methods finetune "calibrated r32" --seeds 0 1
-    python -m benchmarks.llm_sft --tiny          # a tiny random Llama, seconds (the tests)
+    python -m benchmarks.llm_sft --task pydoc --steps 80 --batch-size 8 --curve 10
+    python -m benchmarks.llm_sft --tiny --peft qlora   # a tiny random Llama, seconds (the tests)
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import os
 import random
 import statistics
@@ -33,10 +37,11 @@ import torch
 import ldfa_hf
 
 from . import floor  # noqa: F401  (registers rule="floor", zero feedback, for the Pareto table)
-from .harness import out_path
+from .harness import ResultTable, out_path
 
 FIELDS = ["task", "peft", "method", "seed", "steps", "tokens_per_step", "exact_match", "eval_loss",
           "bp_exact_match", "bp_eval_loss", "step_s", "bp_step_s", "speedup"]
+CURVE_FIELDS = ["task", "peft", "method", "seed", "step", "seconds", "eval_loss"]
 
 
 # -- tasks --------------------------------------------------------------------------------------
@@ -139,21 +144,37 @@ def eval_loss(model, enc: Encoder, pairs, batch_size: int = 16) -> float:
 
 
 # -- models -------------------------------------------------------------------------------------
-def base_model(tiny: bool):
-    """(model, tokenizer): SmolLM2-135M-Instruct, or a tiny random Llama with a locally built tokenizer."""
+def base_model(tiny: bool, peft: str = "lora"):
+    """(model, tokenizer): SmolLM2-135M-Instruct, or a tiny random Llama with a locally built tokenizer.
+
+    ``peft="qlora"`` loads the base through transformers' ``BitsAndBytesConfig`` (nf4, float32
+    compute), as a QLoRA user would; the tiny model is saved to a temporary folder first.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    extra = {}
+    if peft == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        extra = {"device_map": "cpu", "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)}
     if tiny:
-        return tiny_llama()
+        model, tok = tiny_llama(width=64 if peft == "qlora" else 32)  # 4-bit blocks are 64 wide
+        if peft != "qlora":
+            return model, tok
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ldfa_tiny_llama_") as folder:
+            model.save_pretrained(folder)
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra), tok
     from ldfa_hf.pretrained import smollm2_path
 
     folder = smollm2_path()
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return model, tok
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra), tok
 
 
-def tiny_llama():
+def tiny_llama(width: int = 32):
     """A 2-block random Llama and a character-level tokenizer with a chat template, built locally."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -166,7 +187,7 @@ def tiny_llama():
                                   unk_token="<unk>")
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}={% else %}"
                          "{{ m['content'] }}</s>{% endif %}{% endfor %}")
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
@@ -177,6 +198,8 @@ def with_lora(model, peft: str, seed: int, r: int = 8):
     from peft import LoraConfig, get_peft_model
 
     if peft == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
         return model
     torch.manual_seed(seed)
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear",
@@ -214,19 +237,27 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
 
 
 # -- the lockstep run ---------------------------------------------------------------------------
-def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: float, tiny: bool, peft: str = "lora",
-        n_eval: int = 100, log=print, curve: list | None = None, eval_every: int = 0) -> dict:
+LR = {"lora": 1e-3, "qlora": 1e-3, "full": 5e-5}  # the usual orders of magnitude for adapters vs all weights
+
+
+def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: float | None, tiny: bool,
+        peft: str = "lora", n_eval: int = 100, curve: list | None = None, eval_every: int = 0) -> dict:
+    """One lockstep run; ``curve`` (if given) receives held-out loss against each model's own step clock."""
     import copy
 
-    base, tok = base_model(tiny)
+    from tqdm import tqdm
+
+    lr = LR[peft] if lr is None else lr
+    base, tok = base_model(tiny, peft)
     enc = Encoder(tok)
     examples = task_examples(task, steps * batch_size + n_eval, seed=1000 + seed)
     train, held = examples[n_eval:], examples[:n_eval]
-    bp_model = with_lora(copy.deepcopy(base), peft, seed)
+    twin = base_model(tiny, peft)[0] if peft == "qlora" else copy.deepcopy(base)  # 4-bit weights: load again
+    bp_model = with_lora(twin, peft, seed)
     ldfa_model = with_lora(base, peft, seed)
-    ldfa_model.load_state_dict(bp_model.state_dict())
-    num_layers = base.config.num_hidden_layers
-    plugin = ldfa_hf.wrap(ldfa_model, config_for(method, num_layers))
+    trainable = {n: p for n, p in bp_model.named_parameters() if p.requires_grad}
+    ldfa_model.load_state_dict(trainable, strict=False)  # the same adapters (4-bit state is not copied)
+    plugin = ldfa_hf.wrap(ldfa_model, config_for(method, base.config.num_hidden_layers))
     models = {"bp": bp_model, "ldfa": ldfa_model}
     for model in models.values():
         model.train()  # from_pretrained returns eval mode, in which LDFA gathers no statistics
@@ -234,11 +265,13 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
             for k, m in models.items()}
     times = {"bp": [], "ldfa": []}
     clock = {"bp": 0.0, "ldfa": 0.0}
+    labels = {"bp": "backprop", "ldfa": method}
     tokens = []
     rng = random.Random(seed)
     order = list(range(len(train)))
     rng.shuffle(order)
-    for step in range(steps):
+    bar = tqdm(range(steps), desc=f"{task} {peft} {method} seed {seed}", disable=tiny)
+    for step in bar:
         batch = enc.batch([train[i] for i in order[step * batch_size:(step + 1) * batch_size]])
         tokens.append(int(batch["attention_mask"].sum()))
         for key in (("bp", "ldfa") if step % 2 == 0 else ("ldfa", "bp")):  # alternate who goes first
@@ -252,12 +285,11 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
             elapsed = time.perf_counter() - start
             times[key].append(elapsed)
             clock[key] += elapsed
-        if curve is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            for key, model in models.items():
-                curve.append({"method": "lora" if key == "bp" else method, "step": step + 1, "seconds": clock[key],
-                              "eval_loss": eval_loss(model, enc, held[:32])})
-        if step % 10 == 0:
-            log(f"  step {step}/{steps}: bp {times['bp'][-1]:.2f}s ldfa {times['ldfa'][-1]:.2f}s")
+        bar.set_postfix(bp=f"{times['bp'][-1]:.2f}s", ldfa=f"{times['ldfa'][-1]:.2f}s")
+        if curve is not None and eval_every and (step == 0 or (step + 1) % eval_every == 0 or step + 1 == steps):
+            for key, model in models.items():  # evaluation is outside the clocks
+                curve.append({"task": task, "peft": peft, "method": labels[key], "seed": seed, "step": step + 1,
+                              "seconds": f"{clock[key]:.2f}", "eval_loss": f"{eval_loss(model, enc, held[:32]):.4f}"})
     warm = slice(min(3, steps - 1), None)
     bp_step, ldfa_step = statistics.median(times["bp"][warm]), statistics.median(times["ldfa"][warm])
     scored = task != "pydoc"
@@ -274,20 +306,28 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
     return result
 
 
-def done_cells(path: str) -> set:
-    if not os.path.isfile(path):
-        return set()
-    with open(path, newline="") as fh:
-        return {(r["task"], r["peft"], r["method"], r["seed"], r["steps"]) for r in csv.DictReader(fh)}
+def plot_time_to_quality(rows: list[dict], path: str) -> str:
+    """Held-out loss against each model's own training clock (seconds of steps, evaluation excluded),
+    one panel per task and fine-tuning kind, one line per method and seed."""
+    from .harness import _pyplot, save_figure
 
-
-def append(path: str, row: dict) -> None:
-    new = not os.path.isfile(path)
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    plt = _pyplot()
+    panels = sorted({(r["task"], r["peft"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (task, peft) in zip(axes[0], panels):
+        lines: dict[str, list] = {}
+        for r in rows:
+            if (r["task"], r["peft"]) == (task, peft):
+                lines.setdefault(f"{r['method']} (seed {r['seed']})", []).append(
+                    (float(r["seconds"]), float(r["eval_loss"])))
+        for label, points in sorted(lines.items()):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, "--" if label.startswith("backprop") else "-", marker=".", label=label, lw=1.2)
+        ax.set_xlabel("training seconds (2-core CPU, steps only)")
+        ax.set_ylabel("held-out loss")
+        ax.set_title(f"SmolLM2-135M {peft}: {task}")
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> None:
@@ -297,8 +337,11 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--peft", default="lora", choices=["lora", "full"])
+    parser.add_argument("--lr", type=float, default=None, help="default 1e-3 for (Q)LoRA, 5e-5 for full")
+    parser.add_argument("--peft", default="lora", choices=["lora", "qlora", "full"])
+    parser.add_argument("--curve", type=int, default=0, metavar="N",
+                        help="every N steps, held-out loss of both models into llm_sft_curve.csv and the "
+                             "time-to-quality plot")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama, a few steps (the tests)")
     parser.add_argument("--out", default=None, help="CSV to append to (default: benchmarks/results/llm_sft.csv; "
                                                     "a --tiny run writes to a temporary folder unless given)")
@@ -306,18 +349,22 @@ def main(argv=None) -> None:
     if args.tiny:
         args.steps, args.batch_size = min(args.steps, 4), min(args.batch_size, 4)
     args.out = out_path(args.out, "llm_sft.csv", args.tiny)
-    done = done_cells(args.out)
-    for method in args.methods:
-        for seed in args.seeds:
-            key = (args.task, args.peft, method, str(seed), str(args.steps))
-            if key in done:
-                continue
-            print(f"{args.task} {args.peft} {method!r} seed {seed}:", flush=True)
-            row = run(args.task, method, seed, args.steps, args.batch_size, args.lr, args.tiny, args.peft,
-                      n_eval=8 if args.tiny else 100, log=lambda s: print(s, flush=True))
-            append(args.out, row)
-            print("  " + ", ".join(f"{k}={row[k]}" for k in ("exact_match", "bp_exact_match", "eval_loss",
-                                                              "bp_eval_loss", "speedup")), flush=True)
+    table = ResultTable(args.out, FIELDS, key=["task", "peft", "method", "seed", "steps"])
+    curve_path = os.path.join(os.path.dirname(args.out), "llm_sft_curve.csv")
+    curves = ResultTable(curve_path, CURVE_FIELDS, key=["task", "peft", "method", "seed", "step"])
+    cells = [{"task": args.task, "peft": args.peft, "method": m, "seed": s, "steps": args.steps}
+             for m in args.methods for s in args.seeds]
+    for cell in table.missing(cells):
+        curve: list[dict] = []
+        row = run(args.task, cell["method"], cell["seed"], args.steps, args.batch_size, args.lr, args.tiny,
+                  args.peft, n_eval=8 if args.tiny else 100, curve=curve, eval_every=args.curve)
+        table.add(row)
+        for point in curves.missing(curve):  # the bp side of an earlier run of the same seed is kept
+            curves.add(point)
+        print("  " + ", ".join(f"{k}={row[k]}" for k in ("exact_match", "bp_exact_match", "eval_loss",
+                                                          "bp_eval_loss", "speedup")), flush=True)
+    if curves.rows:
+        print("plot:", plot_time_to_quality(curves.rows, curve_path.replace(".csv", ".png")))
     print(f"results: {args.out}")
 
 

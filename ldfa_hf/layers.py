@@ -8,6 +8,7 @@ channels per position, Q is an ``r × C_in × kh × kw`` kernel).
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Optional, Protocol
 
@@ -226,7 +227,16 @@ class Linear4bitKind(LinearKind):
     def as_matrix(weight: Tensor) -> Tensor:
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # after one eval-mode forward on a CPU with AVX512-BF16, bitsandbytes re-packs the weight
+            # in place for its inference kernel, and dequantize_4bit would misread it: unpack a copy
+            unpack = getattr(bnbf, "_convert_weight_packed_for_cpu_inverse", None)
+            if unpack is None:
+                raise ValueError("this bitsandbytes re-packed a 4-bit weight for CPU inference and offers no "
+                                 "way to read it back; run evaluation before wrapping or under model.train()")
+            data, state = unpack(data.clone(), copy.deepcopy(state))
+        return bnbf.dequantize_4bit(data, state)
 
     def matrix(self) -> Tensor:
         return self.as_matrix(self.module.weight)

@@ -76,12 +76,31 @@ def test_llm_sft_tiny_writes_a_resumable_csv(tmp_path):
     from benchmarks import llm_sft
 
     out = tmp_path / "llm.csv"
-    llm_sft.main(["--tiny", "--methods", "finetune", "calibrated r4 exact0.5", "--out", str(out)])
+    llm_sft.main(["--tiny", "--methods", "finetune", "calibrated r4 exact0.5", "--out", str(out), "--curve", "2"])
     rows = list(csv.DictReader(open(out)))
     assert [r["method"] for r in rows] == ["finetune", "calibrated r4 exact0.5"]
     assert all(float(r["speedup"]) > 0 and float(r["eval_loss"]) > 0 for r in rows)
+    curve = list(csv.DictReader(open(tmp_path / "llm_sft_curve.csv")))
+    # steps 1, 2, 4 of each LDFA run, and of backprop once (the same seed's backprop run is not repeated)
+    assert sorted({r["method"] for r in curve}) == ["backprop", "calibrated r4 exact0.5", "finetune"]
+    assert [int(r["step"]) for r in curve if r["method"] == "backprop"] == [1, 2, 4]
+    seconds = [float(r["seconds"]) for r in curve if r["method"] == "finetune"]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert (tmp_path / "llm_sft_curve.png").stat().st_size > 0
     llm_sft.main(["--tiny", "--methods", "finetune", "--out", str(out)])  # done cells are not run again
     assert len(list(csv.DictReader(open(out)))) == 2
+
+
+def test_llm_sft_tiny_full_fine_tuning_trains_every_weight(tmp_path):
+    from benchmarks import llm_sft
+
+    model, _ = llm_sft.tiny_llama()
+    assert llm_sft.with_lora(model, "full", seed=0) is model
+    assert all(p.requires_grad for p in model.parameters())
+    out = tmp_path / "llm.csv"
+    llm_sft.main(["--tiny", "--peft", "full", "--methods", "finetune", "--out", str(out)])
+    (row,) = csv.DictReader(open(out))
+    assert row["peft"] == "full" and float(row["eval_loss"]) > 0
 
 
 def test_llm_gradients_tiny_bp_is_exact_and_ldfa_is_not():

@@ -1,6 +1,7 @@
 """QLoRA: bitsandbytes 4-bit base layers get LDFA feedback (de-quantised factors, no 4-bit backward)."""
 
 import copy
+import csv
 import warnings
 
 import pytest
@@ -108,3 +109,36 @@ def test_low_rank_feedback_changes_qlora_gradients_and_trains():
         exact_losses.append(loss.item())
     assert losses[0] == pytest.approx(exact_losses[0])
     assert losses[0] - losses[-1] > 0.5 * (exact_losses[0] - exact_losses[-1]) > 0
+
+
+def test_weight_is_read_right_after_bitsandbytes_repacks_it_for_cpu_inference():
+    """On a CPU with AVX512-BF16, one eval-mode forward under no_grad re-packs a Linear4bit weight in
+    place (bitsandbytes' inference layout); the de-quantised W that LDFA reads must not change."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 192), nn.ReLU(), nn.Linear(192, 64))
+    quantize(model, skip=())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="bp"))
+    view = plugin.layers["0"]
+    before = view.weight().clone()
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(4, 128))
+    if not getattr(model[0].weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU keeps bitsandbytes' training layout at eval time (no AVX512-BF16)")
+    after = view.weight()
+    assert after.shape == before.shape
+    assert torch.allclose(after, before, atol=2e-3)  # absmax is re-quantised on the way back: ~1e-4
+    assert getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)  # the module is left as it was
+
+
+def test_llm_sft_tiny_qlora_loads_through_bitsandbytes_config(tmp_path):
+    from benchmarks import llm_sft
+
+    model, _ = llm_sft.base_model(tiny=True, peft="qlora")
+    assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    out = tmp_path / "llm.csv"
+    llm_sft.main(["--tiny", "--peft", "qlora", "--methods", "finetune", "--out", str(out)])
+    (row,) = csv.DictReader(open(out))
+    assert row["peft"] == "qlora" and float(row["eval_loss"]) > 0
