@@ -1,7 +1,7 @@
 """How much of the LoRA gradient survives LDFA on a pretrained LLM (SmolLM2-135M-Instruct).
 
 A cheap proxy for fine-tuning accuracy, seconds per configuration instead of minutes: after a
-few exact LoRA steps on the ``arith`` task (so that ``lora_B`` is not zero), each
+few exact LoRA steps on a task (``arith``, or ``--task``; so that ``lora_B`` is not zero), each
 configuration is attached, takes its first step(s) on other batches (its calibration), and the
 cosine between its LoRA gradient and backprop's on a held-out batch is measured — over all
 adapters and by depth (blocks 0-9, 10-19, 20-29 of 30).
@@ -38,10 +38,10 @@ def cosine(a: dict, b: dict, names) -> float:
     return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
 
 
-def measure(methods, tiny: bool, warm_steps: int = 6, batch_size: int = 8) -> list[dict]:
+def measure(methods, tiny: bool, warm_steps: int = 6, batch_size: int = 8, task: str = "arith") -> list[dict]:
     base, tok = base_model(tiny)
     enc = Encoder(tok)
-    examples = task_examples("arith", 400, seed=7)
+    examples = task_examples(task, 400, seed=7)
     torch.manual_seed(0)
     model = with_lora(base, "lora", 0).train()  # from_pretrained returns eval mode: no statistics there
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -82,13 +82,16 @@ def main(argv=None) -> list[dict]:
         "bp", "calibrated r32", "streaming r32", "svd r32", "calibrated r32 head", "calibrated r256 head",
         "floor head", "calibrated r32 exact0.5", "calibrated r32 exact0.67", "streaming r32 exact0.67",
         "svd r32 exact0.67", "fixed r32 exact0.67", "floor exact0.67"])
+    parser.add_argument("--task", default="arith", choices=["arith", "sort", "pydoc"])
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", default=None, help="CSV (default benchmarks/results/llm_gradients.csv; --tiny: a temp folder)")
+    parser.add_argument("--out", default=None, help="CSV (default benchmarks/results/llm_gradients.csv, or "
+                                                    "llm_gradients_<task>.csv; --tiny: a temp folder)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.methods = args.methods if argv and "--methods" in argv else ["bp", "calibrated r4", "floor exact0.5"]
-    rows = measure(args.methods, args.tiny)
-    path = out_path(args.out, "llm_gradients.csv", args.tiny)
+    rows = measure(args.methods, args.tiny, task=args.task)
+    name = "llm_gradients.csv" if args.task == "arith" else f"llm_gradients_{args.task}.csv"
+    path = out_path(args.out, name, args.tiny)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=FIELDS)

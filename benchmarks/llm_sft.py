@@ -11,7 +11,7 @@ Tasks (our own, made from a seed, so nothing is downloaded):
 
 Methods: ``lora`` (backprop), ``finetune`` (``LDFAConfig.for_finetuning()``, nothing tuned per
 task), or a variant string: a rule name and words such as ``r32``, ``head`` (the LM head left
-exact), ``od`` (o_proj and down_proj left exact), ``top2`` (the last 2 blocks left exact),
+exact), ``head256`` (the head's feedback at rank 256), ``od`` (o_proj and down_proj left exact), ``top2`` (the last 2 blocks left exact),
 ``exact0.67`` (``exact_top=0.67``: the top two thirds of the layers exact), ``every8``, ``rows32``.
 
 ``--peft`` picks LoRA r=8 on all linear layers (default), QLoRA (the same adapters on an nf4
@@ -41,7 +41,7 @@ from .harness import ResultTable, out_path
 
 FIELDS = ["task", "peft", "method", "seed", "steps", "tokens_per_step", "exact_match", "eval_loss",
           "bp_exact_match", "bp_eval_loss", "step_s", "bp_step_s", "speedup"]
-CURVE_FIELDS = ["task", "peft", "method", "seed", "step", "seconds", "eval_loss"]
+CURVE_FIELDS = ["task", "peft", "method", "seed", "step", "seconds", "eval_loss", "train_loss"]
 
 
 # -- tasks --------------------------------------------------------------------------------------
@@ -217,6 +217,8 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             settings["rank"] = int(word[1:])
         elif word == "head":
             exclude.append(r".*lm_head")
+        elif word.startswith("head") and word[4:].isdigit():  # head256: the LM head's feedback at rank 256
+            settings.setdefault("rank_pattern", {})["lm_head"] = int(word[4:])
         elif word == "od":  # the layers whose input gradient is the error of the block's own adapters
             exclude += [r".*o_proj.*", r".*down_proj.*"]
         elif word.startswith("exact") and word[5:].replace(".", "", 1).isdigit():  # exact0.67: exact_top
@@ -265,6 +267,7 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
             for k, m in models.items()}
     times = {"bp": [], "ldfa": []}
     clock = {"bp": 0.0, "ldfa": 0.0}
+    losses: dict[str, list] = {"bp": [], "ldfa": []}
     labels = {"bp": "backprop", "ldfa": method}
     tokens = []
     rng = random.Random(seed)
@@ -277,7 +280,8 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
         for key in (("bp", "ldfa") if step % 2 == 0 else ("ldfa", "bp")):  # alternate who goes first
             model, opt = models[key], opts[key]
             start = time.perf_counter()
-            model(**batch).loss.backward()
+            loss = model(**batch).loss
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if key == "ldfa":
@@ -285,11 +289,14 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
             elapsed = time.perf_counter() - start
             times[key].append(elapsed)
             clock[key] += elapsed
+            losses[key].append(float(loss))
         bar.set_postfix(bp=f"{times['bp'][-1]:.2f}s", ldfa=f"{times['ldfa'][-1]:.2f}s")
         if curve is not None and eval_every and (step == 0 or (step + 1) % eval_every == 0 or step + 1 == steps):
             for key, model in models.items():  # evaluation is outside the clocks
+                recent = losses[key][-eval_every:]
                 curve.append({"task": task, "peft": peft, "method": labels[key], "seed": seed, "step": step + 1,
-                              "seconds": f"{clock[key]:.2f}", "eval_loss": f"{eval_loss(model, enc, held[:32]):.4f}"})
+                              "seconds": f"{clock[key]:.2f}", "eval_loss": f"{eval_loss(model, enc, held[:32]):.4f}",
+                              "train_loss": f"{statistics.mean(recent):.4f}"})
     warm = slice(min(3, steps - 1), None)
     bp_step, ldfa_step = statistics.median(times["bp"][warm]), statistics.median(times["ldfa"][warm])
     scored = task != "pydoc"

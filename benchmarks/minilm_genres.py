@@ -26,6 +26,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Tra
                           TrainingArguments, set_seed)
 
 import ldfa_hf
+from ldfa_hf.config import FINETUNING
 from ldfa_hf.metrics import Accuracy
 
 from .data import load_pydoc_topics, load_shakespeare_genres, minilm_path
@@ -42,6 +43,8 @@ TASKS = {"genres": "Shakespeare genres", "pydoc": "Python-doc sections"}
 #   errors      calibrated rule aims P at the output-error subspace, Q = PᵀW (rule_options={"subspace": "output"})
 #   warmup      also calibrate on steps 1, 2, 4, ... below calibrate_every (rule_options={"warmup": True})
 #   memoryB     fit each calibration to a running sum of sketches, decay B (rule_options={"memory": B}, e.g. memory0.5)
+#   exactF      exact_top=F: the top F of the layers keep exact backprop (with the rule and rank of
+#               LDFAConfig.for_finetuning(), its exact_top is that configuration)
 #   exact-head  pooler and classifier keep exact backprop (no residual path around them)
 #   mlp-only    LDFA on the MLP blocks only, attention exact
 TARGETS = {"exact-head": {"exclude_modules": r".*(pooler|classifier).*"},
@@ -57,6 +60,8 @@ def variant_settings(variant: str) -> tuple[dict, dict]:
             config["calibrate_every"] = int(word[5:])
         elif word.startswith("memory"):
             switches["memory"] = float(word[6:])
+        elif word.startswith("exact") and word[5:].replace(".", "", 1).isdigit():
+            config["exact_top"] = float(word[5:])
         elif word in TARGETS:
             config.update(TARGETS[word])
         elif word in SWITCHES:
@@ -179,6 +184,8 @@ def cells(modes: list[str], rank: int, seeds: int, variant_seeds: int = 1) -> li
         out += [(mode, "calibrated", 32, "errors " + v, 1) for v in ("every4", "every8", "every16", "every32")]
         out += [(mode, "calibrated", 32, "errors every8 " + v, 1) for v in ("warmup", "exact-head")]
         out += [(mode, "calibrated", r, "errors every8", 1) for r in (8, 64)]
+        out.append((mode, FINETUNING["rule"], FINETUNING["rank"], f"exact{FINETUNING['exact_top']:g}",
+                    variant_seeds))  # = LDFAConfig.for_finetuning()
     if "full" in modes:
         out += [("full", "oja", rank, "", 1), ("full", "svd", 8 * rank, "", 1),
                 ("full", "calibrated", 32, "mlp-only", 1), ("full", "calibrated", 32, "errors every8 mlp-only", 1)]

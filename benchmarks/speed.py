@@ -66,6 +66,10 @@ def attach(model: nn.Module, method: str, rank: int):
 def _wrap(model: nn.Module, method: str, rank: int):
     if method == "finetune":  # the documented fine-tuning configuration
         return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig.for_finetuning(rank=rank))
+    if " " in method:  # a variant string of benchmarks.llm_sft, e.g. "calibrated r32 top20"
+        from benchmarks.llm_sft import config_for
+
+        return ldfa_hf.wrap(model, config_for(method, model.config.num_hidden_layers))
     if method == "svd-refit":
         return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="svd", refit_every=CYCLE))
     return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="bp" if method == "bp-rule" else method))  # floor too
@@ -130,6 +134,7 @@ def smollm2_lora(case: str, tiny: bool):
     batch = torch.tensor(ids[:sequences * length]).view(sequences, length)
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules="all-linear",
                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
+    model.train()  # from_pretrained returns eval mode, where calibrated/streaming would skip their statistics
     return model, lambda: {"input_ids": batch, "labels": batch}, lambda model, b: model(**b).loss
 
 
@@ -398,11 +403,13 @@ def table_rows(result: dict) -> list[dict]:
 def print_result(result: dict) -> None:
     tag = result["case"] + (" compiled" if result["compiled"] else "") + (" bf16" if result["bf16"] else "")
     print(f"{tag}: backprop {1000 * result['step_s']['backprop']:.1f} ms per step")
-    print(f"  {'method':<11} {'step ms':>9} {'bp/method':>10} {'of floor':>9} {'mem MB':>8} {'mem/bp':>7}"
+    rows = table_rows(result)
+    w = max([11] + [len(row["method"]) for row in rows])
+    print(f"  {'method':<{w}} {'step ms':>9} {'bp/method':>10} {'of floor':>9} {'mem MB':>8} {'mem/bp':>7}"
           + (f" {'graph breaks':>13}" if result["compiled"] else ""))
-    for row in table_rows(result):
+    for row in rows:
         fraction = f"{100 * float(row['floor_fraction']):.0f}%" if row["floor_fraction"] else ""
-        print(f"  {row['method']:<11} {row['step_ms']:>9} {float(row['speedup']):>9.3f}x {fraction:>9} "
+        print(f"  {row['method']:<{w}} {row['step_ms']:>9} {float(row['speedup']):>9.3f}x {fraction:>9} "
               f"{row['mem_mb']:>8} {row['mem_ratio']:>7}" + (f" {row['graph_breaks']:>13}" if result["compiled"] else ""),
               flush=True)
 
@@ -459,7 +466,7 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--methods", nargs="+", default=None,
                         help=f"methods to time (default: {' '.join(METHODS)}); also finetune (LDFAConfig.for_finetuning()), "
-                             "streaming, and any registered rule")
+                             "streaming, any registered rule, and benchmarks.llm_sft variant strings (\"calibrated r32 top20\")")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
