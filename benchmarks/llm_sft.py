@@ -313,6 +313,29 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
     return result
 
 
+def pareto_table(rows: list[dict]) -> str:
+    """Markdown: per task, fine-tuning kind and configuration, means over seeds of LDFA and of
+    plain backprop from the same lockstep runs, the differences, and the step speed-up."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["peft"], r["method"]), []).append(r)
+
+    def mean(cell, column):
+        values = [float(r[column]) for r in cell if r[column] != ""]
+        return statistics.mean(values) if values else None
+
+    lines = ["| task | fine-tuning | configuration | seeds | exact match (LDFA / backprop, diff) | "
+             "eval loss (LDFA / backprop, diff) | step speed-up |", "|---|---|---|---|---|---|---|"]
+    for (task, peft, method), cell in groups.items():
+        em, bp_em = mean(cell, "exact_match"), mean(cell, "bp_exact_match")
+        loss, bp_loss = mean(cell, "eval_loss"), mean(cell, "bp_eval_loss")
+        em_text = f"{100 * em:.1f}% / {100 * bp_em:.1f}% ({100 * (em - bp_em):+.1f})" if em is not None else ""
+        loss_text = f"{loss:.4f} / {bp_loss:.4f} ({100 * (loss / bp_loss - 1):+.1f}%)"
+        lines.append(f"| {task} | {peft} | {method} | {len(cell)} | {em_text} | {loss_text} | "
+                     f"{statistics.median(float(r['speedup']) for r in cell):.2f}× |")
+    return "\n".join(lines)
+
+
 def plot_time_to_quality(rows: list[dict], path: str) -> str:
     """Held-out loss against each model's own training clock (seconds of steps, evaluation excluded),
     one panel per task and fine-tuning kind, one line per method and seed."""
@@ -370,6 +393,7 @@ def main(argv=None) -> None:
             curves.add(point)
         print("  " + ", ".join(f"{k}={row[k]}" for k in ("exact_match", "bp_exact_match", "eval_loss",
                                                           "bp_eval_loss", "speedup")), flush=True)
+    print(pareto_table(table.rows))
     if curves.rows:
         print("plot:", plot_time_to_quality(curves.rows, curve_path.replace(".csv", ".png")))
     print(f"results: {args.out}")

@@ -222,6 +222,7 @@ def main(argv=None) -> list[dict]:
     data = tokenized(args.task, args.train_examples, args.test_examples, args.chunk_chars, max_length)
     table = ResultTable(args.out, FIELDS, key=KEY)
     plan = cells(args.modes, args.rank, args.seeds, args.variant_seeds)
+    everything = list(plan)  # --only / --variants choose what runs; tables and plots show every cell
     if args.only:
         plan = [c for c in plan if c[1] in args.only]
     if args.variants is not None:
@@ -246,7 +247,7 @@ def main(argv=None) -> list[dict]:
     table.run(todo, lambda c: fine_tune(c["mode"], c["method"], c["rank"], c["variant"], c["seed"], data, args.epochs,
                                         args.batch_size, args.tiny), desc="minilm genres")
     rows = table.select(train_examples=len(data["train"]))
-    summary = summarise(rows, plan)
+    summary = summarise(rows, everything)
     print(markdown_table(summary))
     curves = {}
     for line in summary:

@@ -51,6 +51,8 @@ def main(argv=None):
     parser.add_argument("--examples", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ldfa", action="store_true", help="plain LoRA with backprop")
+    parser.add_argument("--exact-top", type=float, default=None,
+                        help="override for_finetuning()'s exact_top (0 = LDFA on every layer)")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
     args = parser.parse_args(argv)
 
@@ -66,7 +68,8 @@ def main(argv=None):
                          peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"))
     if not args.no_ldfa:
-        plugin = ldfa_hf.wrap(trainer.model, LDFAConfig.for_finetuning())  # the PEFT model TRL built
+        overrides = {} if args.exact_top is None else {"exact_top": args.exact_top}
+        plugin = ldfa_hf.wrap(trainer.model, LDFAConfig.for_finetuning(**overrides))  # the PEFT model TRL built
         plugin.summary()
         LDFACallback(plugin).install(trainer)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
