@@ -11,8 +11,9 @@ Tasks (our own, made from a seed, so nothing is downloaded):
 
 Methods: ``lora`` (backprop), ``finetune`` (``LDFAConfig.for_finetuning()``, nothing tuned per
 task), or a variant string: a rule name and words such as ``r32``, ``head`` (the LM head left
-exact), ``head256`` (the head's feedback at rank 256), ``od`` (o_proj and down_proj left exact), ``top2`` (the last 2 blocks left exact),
-``exact0.67`` (``exact_top=0.67``: the top two thirds of the layers exact), ``every8``, ``rows32``.
+exact), ``head256`` (the head's feedback at rank 256), ``od`` (o_proj and down_proj left exact),
+``top2`` (the last 2 blocks left exact), ``exact0.67`` (``exact_top=0.67``: the top two thirds of
+the layers exact), ``every8``, ``rows32``.
 
 ``--peft`` picks LoRA r=8 on all linear layers (default), QLoRA (the same adapters on an nf4
 bitsandbytes base loaded with ``BitsAndBytesConfig``) or full fine-tuning (every weight trains).
