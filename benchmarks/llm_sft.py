@@ -13,7 +13,8 @@ Methods: ``lora`` (backprop), ``finetune`` (``LDFAConfig.for_finetuning()``, not
 task), or a variant string: a rule name and words such as ``r32``, ``head`` (the LM head left
 exact), ``head256`` (the head's feedback at rank 256), ``od`` (o_proj and down_proj left exact),
 ``top2`` (the last 2 blocks left exact), ``exact0.67`` (``exact_top=0.67``: the top two thirds of
-the layers exact), ``every8``, ``rows32``.
+the layers exact), ``dense`` (the exact head multiplies every row of its error, also the zero
+ones: ``skip_zero_rows=False``), ``every8``, ``rows32``.
 
 ``--peft`` picks LoRA r=8 on all linear layers (default), QLoRA (the same adapters on an nf4
 bitsandbytes base loaded with ``BitsAndBytesConfig``) or full fine-tuning (every weight trains).
@@ -226,6 +227,8 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             settings["exact_top"] = float(word[5:])
         elif word.startswith("top") and word[3:].isdigit():
             exclude += [rf".*layers\.{i}\..*" for i in range(num_layers - int(word[3:]), num_layers)]
+        elif word == "dense":  # the exact head multiplies every row of its error, zero or not
+            settings["skip_zero_rows"] = False
         elif word.startswith("every"):
             settings["calibrate_every"] = int(word[5:])
         elif word.startswith("rows"):

@@ -75,8 +75,11 @@ def _wrap(model: nn.Module, method: str, rank: int):
     return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="bp" if method == "bp-rule" else method))  # floor too
 
 
-CASES = ("mlp", "llama", "mlp-lora", "llama-lora", "smollm2-lora", "smollm2-lora-256")
-SMOLLM2_TOKENS = {"smollm2-lora": (8, 128), "smollm2-lora-256": (2, 128)}  # (sequences, tokens) per step
+CASES = ("mlp", "llama", "mlp-lora", "llama-lora", "smollm2-lora", "smollm2-lora-256", "smollm2-sft", "smollm2-sft-256")
+# (sequences, tokens) per step; the -sft cases score the last half of each sequence only, as
+# completion-only SFT does (the rest is the prompt), the others every token
+SMOLLM2_TOKENS = {"smollm2-lora": (8, 128), "smollm2-lora-256": (2, 128), "smollm2-sft": (8, 128),
+                  "smollm2-sft-256": (2, 128)}
 LORA_R = 8
 
 
@@ -114,7 +117,7 @@ def build(case: str, tiny: bool, width: int | None = None):
 
 def smollm2_lora(case: str, tiny: bool):
     """Pretrained SmolLM2-135M-Instruct with PEFT LoRA r=8 on all linear layers, on Python-doc text
-    (``tiny``: the 2-block random Llama of the LLM benchmark)."""
+    (``tiny``: the 2-block random Llama of the LLM benchmark); ``-sft`` cases score half the tokens."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -132,10 +135,13 @@ def smollm2_lora(case: str, tiny: bool):
 
     ids = tokenizer(" ".join(topics[k] for k in sorted(topics))[:200_000], add_special_tokens=False)["input_ids"]
     batch = torch.tensor(ids[:sequences * length]).view(sequences, length)
+    labels = batch.clone()
+    if "-sft" in case:
+        labels[:, :length // 2] = -100  # the prompt half: no loss
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules="all-linear",
                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
     model.train()  # from_pretrained returns eval mode, where calibrated/streaming would skip their statistics
-    return model, lambda: {"input_ids": batch, "labels": batch}, lambda model, b: model(**b).loss
+    return model, lambda: {"input_ids": batch, "labels": labels}, lambda model, b: model(**b).loss
 
 
 def with_lora(model: nn.Module, target_modules: list[str]) -> nn.Module:

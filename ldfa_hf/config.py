@@ -84,6 +84,9 @@ class LDFAConfig:
         exact_top: the fraction (0 ≤ f < 1) of the targeted layers nearest the output — the last
             in module order, so the top blocks and the head — left with exact backprop; LDFA
             feeds back below them (the authors' recipe for large models; docs/METHOD.md §3b).
+        skip_zero_rows: when LDFA leaves a frozen LM head exact (``exact_top``, ``exclude_modules``),
+            its backward multiplies only the rows of its error that are not zero: the tokens the loss
+            scores (completion-only SFT, padding). Exact, and cheaper; ``False`` leaves the head to autograd.
         include_conv: with ``"all-linear"``, also target ``nn.Conv2d`` with ``groups == 1``.
         refresh_every: ``svd`` rule: re-run the truncated SVD every this many steps;
             ``"auto"`` (default) is half an epoch when the epoch length is known (from
@@ -116,6 +119,7 @@ class LDFAConfig:
     target_modules: Union[str, list] = "all-linear"
     exclude_modules: Optional[Union[str, list]] = None
     exact_top: float = 0.0
+    skip_zero_rows: bool = True
     include_conv: bool = True
     refresh_every: Union[int, str, None] = "auto"
     refit_every: Optional[int] = None
@@ -152,6 +156,8 @@ class LDFAConfig:
         _check_pattern("exclude_modules", self.exclude_modules, allow_none=True)
         if isinstance(self.exact_top, bool) or not isinstance(self.exact_top, (int, float)) or not 0 <= self.exact_top < 1:
             raise ValueError(f"exact_top must be a fraction 0 <= f < 1 of the targeted layers; got {self.exact_top!r}")
+        if not isinstance(self.skip_zero_rows, bool):
+            raise ValueError(f"skip_zero_rows must be a bool; got {self.skip_zero_rows!r}")
         if not isinstance(self.include_conv, bool):
             raise ValueError(f"include_conv must be a bool; got {self.include_conv!r}")
         if self.refresh_every not in (None, "auto") and (not _is_int(self.refresh_every) or self.refresh_every <= 0):

@@ -78,6 +78,13 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
         lines.append(f"{len(views):>5}  {name:<{width}}  {kind:<7} {f'{m} x {n}':>13} {rank:>5} {params:>11,}")
     cost = estimate_cost(plugin, samples)
     lines.append(f"feedback parameters: {feedback_params:,}")
+    head = plugin._head
+    if head is not None:
+        m, n = head.module.weight.shape
+        seen = (f" (last training backward: {head.rows_kept:,} of {head.rows_seen:,} rows)"
+                if head.rows_seen else "")
+        lines.append(f"{head.name} ({m} x {n}) stays exact; its backward multiplies only the rows of its "
+                     f"error that are not zero, the scored tokens{seen}")
     if samples:
         rows = f"{samples:,} rows (tokens) per layer and step, as given"
     elif cost["assumed"]:

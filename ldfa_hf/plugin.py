@@ -21,6 +21,7 @@ from .feedback import FeedbackHook, Switch
 from .linalg import factor_generator
 from .rules import make_rule
 from .targets import Target, existing_hook_owner, find_targets, unmatched_rank_patterns
+from .zero_rows import ZeroRowSkipping, output_layer
 
 STATE_NAME = "ldfa_state.safetensors"
 _STEP_KEY = "__ldfa__.num_steps"
@@ -71,6 +72,7 @@ class LDFAPlugin:
         self.num_steps = 0
         self.steps_per_epoch: Optional[int] = None  # optimizer steps per epoch, if known ("auto" refresh)
         self._hooks: dict[str, FeedbackHook] = {}  # one record per targeted layer, in module order
+        self._head: Optional[ZeroRowSkipping] = None  # the exact LM head's zero-row-skipping backward
         self._model: Optional[nn.Module] = None
         self._synced = False
         self._pending = False  # factors wait for real weights (model wrapped on the meta device)
@@ -105,16 +107,17 @@ class LDFAPlugin:
         self._pending = self.rule.has_factors and any(hook.module.weight.is_meta for hook in hooks.values())
         if self.rule.has_factors and not self._pending:
             self._init_factors(hooks)
+        head = self._exact_head(model, hooks)
         registered = []
         try:
-            for hook in hooks.values():
+            for hook in [*hooks.values(), *([head] if head else [])]:
                 registered.append(hook.register())
         except BaseException:
             for hook in registered:
                 hook.remove()
             raise
 
-        self._hooks = hooks
+        self._hooks, self._head = hooks, head
         self._model = model
         if not self._pending:
             self.rule.attach(list(hooks.values()))
@@ -125,6 +128,14 @@ class LDFAPlugin:
         self._schedule()
         compiled_code_sees_hooks()
         return self
+
+    def _exact_head(self, model: nn.Module, hooks: Mapping[str, FeedbackHook]) -> Optional[ZeroRowSkipping]:
+        """The LM head, if LDFA leaves it exact and ``skip_zero_rows`` is on (``zero_rows.py``)."""
+        head = output_layer(model) if self.config.skip_zero_rows else None
+        if head is None or any(hook.module is head for hook in hooks.values()):
+            return None
+        name = next((n for n, m in model.named_modules() if m is head), None)
+        return None if name is None else ZeroRowSkipping(name, head, self.switch)
 
     def _init_factors(self, hooks: Mapping[str, FeedbackHook]) -> None:
         """Every layer's initial P, Q from its weight (seeded by name: the same on every process)."""
@@ -179,9 +190,9 @@ class LDFAPlugin:
 
     def detach(self) -> None:
         """Remove every hook: the model is exactly as it was before ``attach``."""
-        for hook in self._hooks.values():
+        for hook in [*self._hooks.values(), *([self._head] if self._head else [])]:
             hook.remove()
-        self._hooks, self._model = {}, None
+        self._hooks, self._head, self._model = {}, None, None
         self.rule.optimizer = None
         compiled_code_sees_hooks()
 
