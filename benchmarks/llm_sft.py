@@ -14,7 +14,8 @@ task), or a variant string: a rule name and words such as ``r32``, ``head`` (the
 exact), ``head256`` (the head's feedback at rank 256), ``od`` (o_proj and down_proj left exact),
 ``top2`` (the last 2 blocks left exact), ``exact0.67`` (``exact_top=0.67``: the top two thirds of
 the layers exact), ``dense`` (the exact head multiplies every row of its error, also the zero
-ones: ``skip_zero_rows=False``), ``every8``, ``rows32``.
+ones: ``skip_zero_rows=False``), ``cut10`` (no gradient at all below block 10: LoRA on the top
+blocks only, the baseline), ``every8``, ``rows32``.
 
 ``--peft`` picks LoRA r=8 on all linear layers (default), QLoRA (the same adapters on an nf4
 bitsandbytes base loaded with ``BitsAndBytesConfig``) or full fine-tuning (every weight trains).
@@ -227,6 +228,8 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             settings["exact_top"] = float(word[5:])
         elif word.startswith("top") and word[3:].isdigit():
             exclude += [rf".*layers\.{i}\..*" for i in range(num_layers - int(word[3:]), num_layers)]
+        elif word.startswith("cut") and word[3:].isdigit():  # handled by cut_below(); the rule's layers never see δ
+            pass
         elif word == "dense":  # the exact head multiplies every row of its error, zero or not
             settings["skip_zero_rows"] = False
         elif word.startswith("every"):
@@ -240,6 +243,23 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
     if exclude:  # every entry is a regex over the whole module name
         settings["exclude_modules"] = "|".join(exclude)
     return ldfa_hf.LDFAConfig(rule_options=options, **settings)
+
+
+def cut_below(model, method: str):
+    """``cut10`` in a method: blocks 0–9 get no gradient at all (their input is detached at block 10),
+    so their adapters do not train and their backward never runs. The baseline LDFA has to beat:
+    LoRA on the top blocks only, with none of their backward below."""
+    cuts = [int(w[3:]) for w in method.split() if w.startswith("cut") and w[3:].isdigit()]
+    if not cuts:
+        return None
+    blocks = model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers
+
+    def detach(module, args, kwargs):
+        if args:
+            return (args[0].detach(), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
+
+    return blocks[cuts[0]].register_forward_pre_hook(detach, with_kwargs=True)
 
 
 # -- the lockstep run ---------------------------------------------------------------------------
@@ -264,6 +284,7 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
     trainable = {n: p for n, p in bp_model.named_parameters() if p.requires_grad}
     ldfa_model.load_state_dict(trainable, strict=False)  # the same adapters (4-bit state is not copied)
     plugin = ldfa_hf.wrap(ldfa_model, config_for(method, base.config.num_hidden_layers))
+    cut = cut_below(ldfa_model, method)
     models = {"bp": bp_model, "ldfa": ldfa_model}
     for model in models.values():
         model.train()  # from_pretrained returns eval mode, in which LDFA gathers no statistics
@@ -314,6 +335,8 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
         "step_s": f"{ldfa_step:.3f}", "bp_step_s": f"{bp_step:.3f}", "speedup": f"{bp_step / ldfa_step:.3f}",
     }
     plugin.detach()
+    if cut is not None:
+        cut.remove()
     return result
 
 

@@ -6,6 +6,9 @@ Cases:
               seq 256, vocab 8000, batch 4, r = 32
   mlp-lora    the mlp with its weights frozen and PEFT LoRA (r = 8) adapters on every layer
   llama-lora  the llama, frozen, LoRA (r = 8) on every attention and MLP projection
+  smollm2-*   pretrained SmolLM2-135M-Instruct, LoRA r = 8 on all linear layers: -lora on 8×128
+              tokens of Python-doc text (every token scored), -sft the same with only the last half of
+              each sequence scored, -256 at 2×128 tokens, -arith a batch of llm_sft's arithmetic task
 
 Methods, timed side by side: a never-wrapped model (backprop); the **floor**, the same
 hooks with a zero input gradient for every targeted layer (all of the weight-gradient
@@ -67,19 +70,22 @@ def _wrap(model: nn.Module, method: str, rank: int):
     if method == "finetune":  # the documented fine-tuning configuration
         return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig.for_finetuning(rank=rank))
     if " " in method:  # a variant string of benchmarks.llm_sft, e.g. "calibrated r32 top20"
-        from benchmarks.llm_sft import config_for
+        from benchmarks.llm_sft import config_for, cut_below
 
-        return ldfa_hf.wrap(model, config_for(method, model.config.num_hidden_layers))
+        plugin = ldfa_hf.wrap(model, config_for(method, model.config.num_hidden_layers))
+        cut_below(model, method)  # "cut10": no gradient below block 10 (stays for the model's life)
+        return plugin
     if method == "svd-refit":
         return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="svd", refit_every=CYCLE))
     return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=rank, rule="bp" if method == "bp-rule" else method))  # floor too
 
 
-CASES = ("mlp", "llama", "mlp-lora", "llama-lora", "smollm2-lora", "smollm2-lora-256", "smollm2-sft", "smollm2-sft-256")
+CASES = ("mlp", "llama", "mlp-lora", "llama-lora", "smollm2-lora", "smollm2-lora-256", "smollm2-sft", "smollm2-sft-256",
+         "smollm2-arith")
 # (sequences, tokens) per step; the -sft cases score the last half of each sequence only, as
 # completion-only SFT does (the rest is the prompt), the others every token
 SMOLLM2_TOKENS = {"smollm2-lora": (8, 128), "smollm2-lora-256": (2, 128), "smollm2-sft": (8, 128),
-                  "smollm2-sft-256": (2, 128)}
+                  "smollm2-sft-256": (2, 128), "smollm2-arith": (8, 0)}  # arith: llm_sft's task, ~317 tokens
 LORA_R = 8
 
 
@@ -117,7 +123,8 @@ def build(case: str, tiny: bool, width: int | None = None):
 
 def smollm2_lora(case: str, tiny: bool):
     """Pretrained SmolLM2-135M-Instruct with PEFT LoRA r=8 on all linear layers, on Python-doc text
-    (``tiny``: the 2-block random Llama of the LLM benchmark); ``-sft`` cases score half the tokens."""
+    (``tiny``: the 2-block random Llama of the LLM benchmark); ``-sft`` cases score half the tokens,
+    ``smollm2-arith`` is a batch of the LLM benchmark's arithmetic task (answers: a tenth of the tokens)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,6 +138,14 @@ def smollm2_lora(case: str, tiny: bool):
         folder = ldfa_hf.pretrained.smollm2_path()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder)
+    if case == "smollm2-arith":  # one batch of benchmarks.llm_sft's arithmetic task: loss on the answers only
+        from .llm_sft import Encoder, task_examples
+
+        batch = Encoder(tokenizer).batch(task_examples("arith", sequences if not tiny else 2, seed=0))
+        model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules="all-linear",
+                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+        model.train()
+        return model, lambda: batch, lambda model, b: model(**b).loss
     from pydoc_data.topics import topics
 
     ids = tokenizer(" ".join(topics[k] for k in sorted(topics))[:200_000], add_special_tokens=False)["input_ids"]

@@ -229,6 +229,13 @@ def test_speed_lora_llama_tiny():
     assert lora["estimated_backward_saved"] > pretrain["estimated_backward_saved"] > 0
 
 
+def test_speed_sft_cases_score_part_of_the_tokens_and_text_cases_all():
+    for case, scored in (("smollm2-lora", True), ("smollm2-sft", False), ("smollm2-arith", False)):
+        _, make_batch, _ = speed.build(case, tiny=True)
+        labels = make_batch()["labels"]
+        assert bool((labels != -100).all()) is scored and (labels != -100).any(), case
+
+
 def test_library_imports_nothing_from_benchmarks_or_integrations():
     import ast
     import pathlib

@@ -103,6 +103,21 @@ def test_llm_sft_tiny_full_fine_tuning_trains_every_weight(tmp_path):
     assert row["peft"] == "full" and float(row["eval_loss"]) > 0
 
 
+def test_llm_sft_cut_baseline_gives_the_blocks_below_no_gradient():
+    from benchmarks import llm_sft
+
+    model, tok = llm_sft.tiny_llama()
+    model = llm_sft.with_lora(model, "lora", seed=0).train()
+    handle = llm_sft.cut_below(model, "floor exact0.5 cut1")
+    batch = llm_sft.Encoder(tok).batch(llm_sft.task_examples("arith", 2, 0))
+    model(**batch).loss.backward()
+    adapters = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}  # A: zero grad while B = 0
+    assert all(g is None for n, g in adapters.items() if ".layers.0." in n)
+    assert all(g is not None and g.abs().sum() > 0 for n, g in adapters.items() if ".layers.1." in n)
+    handle.remove()
+    assert llm_sft.cut_below(model, "calibrated r32") is None
+
+
 def test_llm_gradients_tiny_bp_is_exact_and_ldfa_is_not():
     from benchmarks import llm_gradients
 
