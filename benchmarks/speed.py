@@ -142,21 +142,18 @@ def smollm2_lora(case: str, tiny: bool):
         from .llm_sft import Encoder, task_examples
 
         batch = Encoder(tokenizer).batch(task_examples("arith", sequences if not tiny else 2, seed=0))
-        model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules="all-linear",
-                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
-        model.train()
-        return model, lambda: batch, lambda model, b: model(**b).loss
-    from pydoc_data.topics import topics
+    else:
+        from pydoc_data.topics import topics
 
-    ids = tokenizer(" ".join(topics[k] for k in sorted(topics))[:200_000], add_special_tokens=False)["input_ids"]
-    batch = torch.tensor(ids[:sequences * length]).view(sequences, length)
-    labels = batch.clone()
-    if "-sft" in case:
-        labels[:, :length // 2] = -100  # the prompt half: no loss
+        text = " ".join(topics[k] for k in sorted(topics))[:200_000]
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:sequences * length])
+        batch = {"input_ids": ids.view(sequences, length), "labels": ids.view(sequences, length).clone()}
+        if "-sft" in case:
+            batch["labels"][:, :length // 2] = -100  # the prompt half: no loss
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules="all-linear",
                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
     model.train()  # from_pretrained returns eval mode, where calibrated/streaming would skip their statistics
-    return model, lambda: {"input_ids": batch, "labels": labels}, lambda model, b: model(**b).loss
+    return model, lambda: batch, lambda model, b: model(**b).loss
 
 
 def with_lora(model: nn.Module, target_modules: list[str]) -> nn.Module:

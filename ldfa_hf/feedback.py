@@ -102,32 +102,23 @@ def orphans(module: nn.Module) -> int:
     return sum(isinstance(v, _Orphan) for v in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))
 
 
-class FeedbackHook:
-    """LDFA on one layer, and everything the plugin keeps about it: the layer kind bound to its
-    module, its target, its factors P (m×r) and Q (r×n), the statistics of the step, skipped
-    updates, and ``state``, a dict the rule owns."""
+class InputDetachingHook:
+    """What every LDFA hook on a layer shares, attached and removed in the style of
+    ``torch.nn.utils.prune``: a forward pre-hook hands the layer a *detached* input (so its own
+    kernel never computes ``δ W``) and keeps the real one for ``post_forward``, which routes the
+    output through ``_Feedback``; ``input_grad`` then supplies the input's gradient."""
 
-    def __init__(self, *, name: str, kind: "LayerKind", target, rule, switch: Switch,
-                 error_clip: Optional[float] = None) -> None:
-        self.name, self.kind, self.target, self.rule, self.switch = name, kind, target, rule, switch
-        self.rank, self.shape = target.rank, target.shape
-        self.P: Optional[Tensor] = None
-        self.Q: Optional[Tensor] = None
-        self.error_clip = error_clip
-        self.stats: dict[str, Tensor] = {}
-        self.samples = 0            # samples accumulated into ``stats`` since the last step
-        self.last_samples = 0       # samples per forward, for the FLOP estimate
-        self.input_needs_grad = True
-        self.skipped = 0            # updates skipped for non-finite statistics
-        self.eval_forward = False   # its last forward with gradients ran in eval mode
-        self.backward_seen = False  # statistics reached this layer since the last step (kept by reset_statistics)
-        self.state: dict = {}       # the rule's own per-layer state
+    def __init__(self, module: nn.Module, switch: Switch) -> None:
+        self.switch = switch
+        self._module = module
         self._x: Optional[Tensor] = None
-        self._module = kind.module
         self._handles = []
 
-    # -- attach / remove, in the style of torch.nn.utils.prune ---------------------------
-    def register(self) -> "FeedbackHook":
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def register(self) -> "InputDetachingHook":
         module = self._module
         self._handles = [
             module.register_forward_pre_hook(_Registered(self, "pre_forward"), with_kwargs=True),
@@ -140,12 +131,13 @@ class FeedbackHook:
             handle.remove()
         self._handles = []
         self._x = None
-        self.stats = {}
 
-    # -- forward ---------------------------------------------------------------------------
+    def applies(self) -> bool:
+        """Whether this forward goes through the hook at all (else plain autograd)."""
+        return True
+
     def pre_forward(self, module, args, kwargs):
-        switch = self.switch
-        if not torch.is_grad_enabled() or not switch.enabled:
+        if not torch.is_grad_enabled() or not self.switch.enabled or not self.applies():
             return None
         x = layer_input(args, kwargs)
         if x is None:
@@ -155,6 +147,34 @@ class FeedbackHook:
             return (x.detach(),) + tuple(args[1:]), kwargs
         return args, {k: v.detach() for k, v in kwargs.items()}
 
+
+class FeedbackHook(InputDetachingHook):
+    """LDFA on one layer, and everything the plugin keeps about it: the layer kind bound to its
+    module, its target, its factors P (m×r) and Q (r×n), the statistics of the step, skipped
+    updates, and ``state``, a dict the rule owns."""
+
+    def __init__(self, *, name: str, kind: "LayerKind", target, rule, switch: Switch,
+                 error_clip: Optional[float] = None) -> None:
+        super().__init__(kind.module, switch)
+        self.name, self.kind, self.target, self.rule = name, kind, target, rule
+        self.rank, self.shape = target.rank, target.shape
+        self.P: Optional[Tensor] = None
+        self.Q: Optional[Tensor] = None
+        self.error_clip = error_clip
+        self.stats: dict[str, Tensor] = {}
+        self.samples = 0            # samples accumulated into ``stats`` since the last step
+        self.last_samples = 0       # samples per forward, for the FLOP estimate
+        self.input_needs_grad = True
+        self.skipped = 0            # updates skipped for non-finite statistics
+        self.eval_forward = False   # its last forward with gradients ran in eval mode
+        self.backward_seen = False  # statistics reached this layer since the last step (kept by reset_statistics)
+        self.state: dict = {}       # the rule's own per-layer state
+
+    def remove(self) -> None:
+        super().remove()
+        self.stats = {}
+
+    # -- forward ---------------------------------------------------------------------------
     def post_forward(self, module, args, kwargs, output):
         x, self._x = self._x, None
         if x is None:
@@ -197,10 +217,6 @@ class FeedbackHook:
         self.samples = 0
 
     # -- bookkeeping -------------------------------------------------------------------------
-    @property
-    def module(self) -> nn.Module:
-        return self._module
-
     @property
     def weight_trains(self) -> bool:
         return self._module.weight.requires_grad

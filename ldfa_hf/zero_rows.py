@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import is_dtensor, sharded_weight_reason
-from .feedback import Switch, _Feedback, _Registered, layer_input
+from .feedback import InputDetachingHook, Switch, _Feedback
 
 
 def output_layer(model: nn.Module) -> Optional[nn.Module]:
@@ -45,53 +45,24 @@ def nonzero_rows_times(g: Tensor, W: Tensor) -> tuple[Tensor, int]:
     return out.view(*g.shape[:-1], W.shape[1]), keep.numel()
 
 
-class ZeroRowSkipping:
-    """Exact backward for one frozen output layer that skips its error's zero rows.
-
-    Attached and removed like a ``FeedbackHook`` (a forward pre-hook detaches the input, a
-    forward hook routes the output through ``_Feedback``), but it has no factors, no statistics
-    and no rule.
-    """
+class ZeroRowSkipping(InputDetachingHook):
+    """Exact backward for one frozen output layer that skips its error's zero rows: an
+    ``InputDetachingHook`` with no factors, no statistics and no rule."""
 
     def __init__(self, name: str, module: nn.Module, switch: Switch) -> None:
-        self.name, self.module, self.switch = name, module, switch
+        super().__init__(module, switch)
+        self.name = name
         self.rows_seen = 0  # rows (tokens) in its last training backward
         self.rows_kept = 0  # of which had a non-zero error
-        self._x: Optional[Tensor] = None
-        self._handles = []
-
-    def register(self) -> "ZeroRowSkipping":
-        self._handles = [
-            self.module.register_forward_pre_hook(_Registered(self, "pre_forward"), with_kwargs=True),
-            self.module.register_forward_hook(_Registered(self, "post_forward"), with_kwargs=True),
-        ]
-        return self
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._x = None
 
     def applies(self) -> bool:
         """Only a frozen, whole (unsharded) weight: otherwise autograd does the backward itself."""
         weight = self.module.weight
         return not weight.requires_grad and not is_dtensor(weight) and sharded_weight_reason(weight) is None
 
-    def pre_forward(self, module, args, kwargs):
-        if not torch.is_grad_enabled() or not self.switch.enabled or not self.applies():
-            return None
-        x = layer_input(args, kwargs)
-        if x is None or not x.requires_grad:
-            return None
-        self._x = x
-        if args:
-            return (x.detach(),) + tuple(args[1:]), kwargs
-        return args, {k: v.detach() for k, v in kwargs.items()}
-
     def post_forward(self, module, args, kwargs, output):
         x, self._x = self._x, None
-        if x is None or not isinstance(output, Tensor):
+        if x is None or not x.requires_grad or not isinstance(output, Tensor):
             return None
         return _Feedback.apply(output, x, self, False, False)
 
