@@ -7,6 +7,7 @@ raises one error naming what was looked for and what the model has.
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from typing import NamedTuple, Optional, Union
 
@@ -46,11 +47,14 @@ def _rank_key_matches(name: str, key: str) -> bool:
 
 
 def _adapter_names(model: nn.Module) -> set:
-    """Names of PEFT adapter sub-layers (lora_A, lora_B, ...): their gradients stay exact."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
+    """Names of PEFT adapter sub-layers (lora_A, lora_B, ...): their gradients stay exact.
+
+    PEFT is consulted only if the program imported it (a model with adapters did): importing it
+    here would pull in bitsandbytes, whose native threads can abort a gloo worker at exit."""
+    peft_tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if peft_tuners is None:
         return set()
+    BaseTunerLayer = peft_tuners.BaseTunerLayer
     names = set()
     for name, module in model.named_modules():
         if isinstance(module, BaseTunerLayer):

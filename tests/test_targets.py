@@ -141,3 +141,18 @@ def test_a_plain_string_target_that_names_layers_says_a_list_was_probably_meant(
     with pytest.raises(ValueError, match=r"regular expression over the whole module name.*target_modules=\['q_proj'\]"):
         ldfa_hf.wrap(model, LDFAConfig(target_modules="q_proj"))
     assert len(ldfa_hf.wrap(model, LDFAConfig(target_modules=["q_proj"])).targets) == 1
+
+
+def test_wrapping_a_model_without_adapters_imports_neither_peft_nor_bitsandbytes():
+    """PEFT pulls in bitsandbytes, whose native threads made two-process gloo runs abort at exit;
+    a model without adapters must not import it (a PEFT model's program imported PEFT already)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, ldfa_hf\n"
+            "model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n"
+            "ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rank=2))\n"
+            "print(sorted(m for m in ('peft', 'bitsandbytes') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
