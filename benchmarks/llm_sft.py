@@ -16,7 +16,7 @@ exact), ``head256`` (the head's feedback at rank 256), ``od`` (o_proj and down_p
 the layers exact), ``dense`` (the exact head multiplies every row of its error, also the zero
 ones: ``skip_zero_rows=False``), ``cut10`` (no gradient at all below block 10: LoRA on the top
 blocks only, the baseline), ``lowlr0.25`` (the adapters of the LDFA-fed blocks train at 0.25 × the
-learning rate), ``every8``, ``rows32``.
+learning rate), ``every8``, ``rows32``, ``frac0.25`` (``sampled``: the share of rows made exact).
 
 ``--peft`` picks LoRA r=8 on all linear layers (default), QLoRA (the same adapters on an nf4
 bitsandbytes base loaded with ``BitsAndBytesConfig``) or full fine-tuning (every weight trains).
@@ -240,6 +240,8 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             settings["calibrate_every"] = int(word[5:])
         elif word.startswith("rows"):
             options["rows"] = int(word[4:])
+        elif word.startswith("frac"):  # sampled: the share of rows computed exactly
+            options["fraction"] = float(word[4:])
         elif word.startswith("decay"):
             options["decay"] = float(word[5:])
         else:

@@ -14,7 +14,7 @@ from ldfa_hf import LDFAConfig
         (dict(rank=-3), "got -3"),
         (dict(rank=2.5), "got 2.5"),
         (dict(rank=True), "got True"),
-        (dict(rule="backprop"), "rule must be one of svd, local, oja, calibrated, streaming, fixed, fa, dfa, bp"),
+        (dict(rule="backprop"), "rule must be one of svd, local, oja, calibrated, streaming, sampled, fixed, fa, dfa, bp"),
         (dict(calibrate_every=0), "calibrate_every must be an int >= 1 (steps between exact calibration steps); got 0"),
         (dict(calibrate_every=2.0), "calibrate_every must be an int >= 1"),
         (dict(calibrate_every="8"), "got '8'"),

@@ -83,7 +83,7 @@ def test_low_rank_feedback_changes_qlora_gradients_and_trains():
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     losses = []
     for step in range(12):
-        if step == 1:  # step 0 is exact; from step 1 on the feedback is rank 2
+        if step == 1:  # below the exact top layers: rank-2 feedback plus a sampled correction, never exact
             exact = copy.deepcopy(model)  # a copy trains with exact backprop (its hooks are orphans)
             exact(**batch()).loss.backward()
         loss = model(**batch()).loss

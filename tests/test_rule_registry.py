@@ -106,7 +106,7 @@ def test_settings_a_rule_ignores_are_said():
 
 def test_for_finetuning_is_a_valid_config_and_takes_overrides():
     cfg = LDFAConfig.for_finetuning()
-    assert cfg.rule == "calibrated" and cfg.rank == 32 and cfg.exact_top == 0.67
+    assert cfg.rule == "sampled" and cfg.rank == 32 and cfg.exact_top == 0.67
     assert LDFAConfig.for_finetuning(rank=64).rank == 64
     with pytest.raises(ValueError, match="rank must be a positive int; got 0"):
         LDFAConfig.for_finetuning(rank=0)

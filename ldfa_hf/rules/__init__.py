@@ -16,11 +16,12 @@ from .dfa import DFA
 from .fixed import FA, Fixed
 from .local import Local
 from .oja import Oja
+from .sampled import Sampled
 from .streaming import Streaming
 from .svd import SVD
 
 RULES: dict[str, type[Rule]] = {}
-BUILTIN = ("svd", "local", "oja", "calibrated", "streaming", "fixed", "fa", "dfa", "bp")
+BUILTIN = ("svd", "local", "oja", "calibrated", "streaming", "sampled", "fixed", "fa", "dfa", "bp")
 
 
 def register_rule(cls: type[Rule], *, replace: bool = False) -> type[Rule]:
@@ -56,8 +57,8 @@ def make_rule(config) -> Rule:
     return rule_class(config.rule)(config)
 
 
-for _rule in (SVD, Local, Oja, Calibrated, Streaming, Fixed, FA, DFA, BP):
+for _rule in (SVD, Local, Oja, Calibrated, Streaming, Sampled, Fixed, FA, DFA, BP):
     register_rule(_rule)
 
-__all__ = ["BP", "BUILTIN", "DFA", "FA", "RULES", "Calibrated", "Fixed", "Local", "Oja", "Rule", "SVD", "Streaming",
+__all__ = ["BP", "BUILTIN", "DFA", "FA", "RULES", "Calibrated", "Fixed", "Local", "Oja", "Rule", "SVD", "Sampled", "Streaming",
            "make_rule", "register_rule", "rule_class"]
