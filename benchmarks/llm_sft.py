@@ -15,8 +15,8 @@ exact), ``head256`` (the head's feedback at rank 256), ``od`` (o_proj and down_p
 ``top2`` (the last 2 blocks left exact), ``exact0.67`` (``exact_top=0.67``: the top two thirds of
 the layers exact), ``dense`` (the exact head multiplies every row of its error, also the zero
 ones: ``skip_zero_rows=False``), ``cut10`` (no gradient at all below block 10: LoRA on the top
-blocks only, the baseline), ``lowlr0.25`` (the adapters of the LDFA-fed blocks train at 0.25 × the
-learning rate), ``every8``, ``rows32``, ``frac0.25`` (``sampled``: the share of rows made exact).
+blocks only, the baseline), ``every8``, ``rows32``, ``frac0.25`` (``sampled``: the share of rows made
+exact).
 
 ``--peft`` picks LoRA r=8 on all linear layers (default), QLoRA (the same adapters on an nf4
 bitsandbytes base loaded with ``BitsAndBytesConfig``) or full fine-tuning (every weight trains).
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
 import statistics
 import time
 
@@ -232,8 +231,6 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             exclude += [rf".*layers\.{i}\..*" for i in range(num_layers - int(word[3:]), num_layers)]
         elif word.startswith("cut") and word[3:].isdigit():  # handled by cut_below(); the rule's layers never see δ
             pass
-        elif word.startswith("lowlr"):  # handled by param_groups(): a smaller LR where the feedback is LDFA's
-            float(word[5:])
         elif word == "dense":  # the exact head multiplies every row of its error, zero or not
             settings["skip_zero_rows"] = False
         elif word.startswith("every"):
@@ -268,22 +265,6 @@ def cut_below(model, method: str):
     return blocks[cuts[0]].register_forward_pre_hook(detach, with_kwargs=True)
 
 
-def param_groups(model, plugin, method: str, lr: float) -> list[dict]:
-    """``lowlr0.25`` in a method: the trainable parameters of every block at or below the highest
-    block with an LDFA-fed layer train at 0.25 × lr (a test of whether AdamW, which normalises
-    each step, over-steps on the approximate gradients there); otherwise one group."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    scales = [float(w[5:]) for w in method.split() if w.startswith("lowlr")]
-    if not scales:
-        return [{"params": [p for _, p in params], "lr": lr}]
-    block = re.compile(r"\.layers\.(\d+)\.")
-    fed = [int(m.group(1)) for name in plugin.layers if (m := block.search(name))]
-    top = max(fed, default=-1)
-    low = [p for n, p in params if (m := block.search(n)) and int(m.group(1)) <= top]
-    rest = [p for n, p in params if not ((m := block.search(n)) and int(m.group(1)) <= top)]
-    return [{"params": low, "lr": lr * scales[0]}, {"params": rest, "lr": lr}]
-
-
 # -- the lockstep run ---------------------------------------------------------------------------
 LR = {"lora": 1e-3, "qlora": 1e-3, "full": 5e-5}  # the usual orders of magnitude for adapters vs all weights
 
@@ -310,8 +291,8 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
     models = {"bp": bp_model, "ldfa": ldfa_model}
     for model in models.values():
         model.train()  # from_pretrained returns eval mode, in which LDFA gathers no statistics
-    opts = {"bp": torch.optim.AdamW([p for p in bp_model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0),
-            "ldfa": torch.optim.AdamW(param_groups(ldfa_model, plugin, method, lr), lr=lr, weight_decay=0.0)}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+            for k, m in models.items()}
     times = {"bp": [], "ldfa": []}
     clock = {"bp": 0.0, "ldfa": 0.0}
     losses: dict[str, list] = {"bp": [], "ldfa": []}

@@ -89,6 +89,8 @@ def test_llm_sft_tiny_writes_a_resumable_csv(tmp_path):
     assert (tmp_path / "llm_sft_curve.png").stat().st_size > 0
     llm_sft.main(["--tiny", "--methods", "finetune", "--out", str(out)])  # done cells are not run again
     assert len(list(csv.DictReader(open(out)))) == 2
+    config = llm_sft.config_for("sampled r4 frac0.5 exact0.5", num_layers=2)
+    assert (config.rule, config.rank, config.rule_options, config.exact_top) == ("sampled", 4, {"fraction": 0.5}, 0.5)
 
 
 def test_llm_sft_tiny_full_fine_tuning_trains_every_weight(tmp_path):
