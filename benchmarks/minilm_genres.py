@@ -186,6 +186,7 @@ def cells(modes: list[str], rank: int, seeds: int, variant_seeds: int = 1) -> li
         out += [(mode, "calibrated", r, "errors every8", 1) for r in (8, 64)]
         out.append((mode, FINETUNING["rule"], FINETUNING["rank"], f"exact{FINETUNING['exact_top']:g}",
                     variant_seeds))  # = LDFAConfig.for_finetuning()
+        out.append((mode, "calibrated", 32, "exact0.67", variant_seeds))  # the previous for_finetuning()
     if "full" in modes:
         out += [("full", "oja", rank, "", 1), ("full", "svd", 8 * rank, "", 1),
                 ("full", "calibrated", 32, "mlp-only", 1), ("full", "calibrated", 32, "errors every8 mlp-only", 1)]
