@@ -317,7 +317,7 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
             elapsed = time.perf_counter() - start
             times[key].append(elapsed)
             clock[key] += elapsed
-            losses[key].append(float(loss))
+            losses[key].append(loss.item())
         bar.set_postfix(bp=f"{times['bp'][-1]:.2f}s", ldfa=f"{times['ldfa'][-1]:.2f}s")
         if curve is not None and eval_every and (step == 0 or (step + 1) % eval_every == 0 or step + 1 == steps):
             for key, model in models.items():  # evaluation is outside the clocks
