@@ -76,7 +76,9 @@ class LDFAConfig:
         rank_pattern: per-module rank overrides, ``{name or suffix or regex: rank}``
             (e.g. ``{"qkv": 96}`` for a fused projection).
         rule: how P and Q are learned: ``"svd"`` (default), ``"local"``, ``"oja"``,
-            ``"calibrated"`` (for fine-tuning pretrained models), ``"fixed"``, ``"fa"``, ``"dfa"`` (Direct Feedback Alignment, a baseline) or
+            ``"calibrated"`` (for fine-tuning pretrained models), ``"streaming"``, ``"sampled"`` (unbiased:
+            low-rank feedback plus exact rows; ``for_finetuning()`` uses it), ``"fixed"``, ``"fa"``,
+            ``"dfa"`` (Direct Feedback Alignment, a baseline) or
             ``"bp"`` (exact backprop through the same hooks).
         target_modules: ``"all-linear"`` (every ``nn.Linear`` and GPT-2 ``Conv1D``,
             the output head included), a list of exact names or name suffixes, or
