@@ -129,16 +129,6 @@ class Sampled(Streaming):
         layer.state["draws"] = (self.step, count + 1)
         return factor_generator(self.config.seed, layer.name, self.step * 65_537 + count)
 
-    def update(self, layers, step, refreshing=False):
-        for layer in layers:
-            if layer.P is None or "sketch" not in layer.stats or not bool(layer.stats["sketch"].any()):
-                continue
-            sketch = layer.stats["sketch"]
-            if not bool(torch.isfinite(sketch).all()):
-                self.skip(layer)
-                continue
-            self.set_factors(layer, *self.aim(layer, self.pool(layer, sketch, self.options["decay"])))
-
     def describe(self):
         return (f"no exact steps; ~{self.options['fraction']:.0%} of rows exact (unbiased correction), "
                 f"re-aimed every {self.options['reaim_every']} steps")
