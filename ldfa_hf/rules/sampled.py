@@ -64,6 +64,7 @@ class Sampled(Streaming):
     def __init__(self, config) -> None:
         super().__init__(config)
         self.sketching = True
+        self._warned_convs = False
 
     @classmethod
     def check_options(cls, options):
@@ -79,7 +80,7 @@ class Sampled(Streaming):
 
     def attach(self, layers):
         convs = [layer.name for layer in layers if not isinstance(layer.kind, LinearKind)]
-        if convs and not getattr(self, "_warned_convs", False):
+        if convs and not self._warned_convs:
             self._warned_convs = True
             from ..config import LDFAWarning
 
