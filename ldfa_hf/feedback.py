@@ -169,16 +169,25 @@ class FeedbackHook(InputDetachingHook):
         self.eval_forward = False   # its last forward with gradients ran in eval mode
         self.backward_seen = False  # statistics reached this layer since the last step (kept by reset_statistics)
         self.state: dict = {}       # the rule's own per-layer state
+        self._undo = None           # what kind.detached_forward changed for this forward
 
     def remove(self) -> None:
         super().remove()
         self.stats = {}
 
     # -- forward ---------------------------------------------------------------------------
+    def pre_forward(self, module, args, kwargs):
+        detached = super().pre_forward(module, args, kwargs)
+        if detached is not None:
+            self._undo = self.kind.detached_forward(self._x)
+        return detached
+
     def post_forward(self, module, args, kwargs, output):
         x, self._x = self._x, None
         if x is None:
             return None
+        self.kind.after_forward(self._undo)
+        self._undo = None
         if not self.switch.enabled or not isinstance(output, Tensor):
             return None
         self.eval_forward = not module.training  # a rule's statistics are gathered in training mode only

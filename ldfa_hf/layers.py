@@ -65,6 +65,12 @@ class LayerKind(Protocol):
     def samples(self, g: Tensor) -> int:
         """Samples in an output-shaped tensor."""
 
+    def detached_forward(self, x: Tensor):
+        """Before the layer runs on LDFA's detached input: keep its forward the one plain autograd runs."""
+
+    def after_forward(self, token) -> None:
+        """Undo ``detached_forward``."""
+
 
 class LinearKind:
     """``a = x Wᵀ + b`` over any number of leading dimensions; each leading index is a sample."""
@@ -78,6 +84,14 @@ class LinearKind:
     @staticmethod
     def shape(module: nn.Module) -> tuple[int, int]:
         return tuple(module.weight.shape)
+
+    def detached_forward(self, x: Tensor):
+        """Called before the layer runs on LDFA's detached input (``x`` is the real one); what it
+        returns goes to ``after_forward``. A no-op but for layers whose forward reads ``requires_grad``."""
+        return None
+
+    def after_forward(self, token) -> None:
+        """Undo what ``detached_forward`` did."""
 
     @staticmethod
     def as_matrix(weight: Tensor) -> Tensor:
@@ -159,6 +173,12 @@ class Conv2dKind:
         self.module = module
         self._geometry = (module.stride, conv_padding(module), module.dilation)
 
+    def detached_forward(self, x: Tensor):
+        return None
+
+    def after_forward(self, token) -> None:
+        pass
+
     @staticmethod
     def shape(module: nn.Module) -> tuple[int, int]:
         c_out, c_in, kh, kw = module.weight.shape
@@ -229,17 +249,45 @@ class Linear4bitKind(LinearKind):
 
         data, state = weight.data, weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
-            # after one eval-mode forward on a CPU with AVX512-BF16, bitsandbytes re-packs the weight
-            # in place for its inference kernel, and dequantize_4bit would misread it: unpack a copy
-            unpack = getattr(bnbf, "_convert_weight_packed_for_cpu_inverse", None)
-            if unpack is None:
-                raise ValueError("this bitsandbytes re-packed a 4-bit weight for CPU inference and offers no "
-                                 "way to read it back; run evaluation before wrapping or under model.train()")
-            data, state = unpack(data.clone(), copy.deepcopy(state))
+            data, state = _unpacked_for_cpu(bnbf, data, state)
         return bnbf.dequantize_4bit(data, state)
 
     def matrix(self) -> Tensor:
         return self.as_matrix(self.module.weight)
+
+    def detached_forward(self, x: Tensor):
+        """Called before the layer runs on the detached input; returns what ``after_forward`` takes.
+
+        bitsandbytes picks its CPU inference kernel (and re-packs the weight in place for it) when the
+        input needs no gradient outside training mode. LDFA's detached input would send a forward with
+        gradients there, which plain QLoRA never takes: that forward must stay the one the user had."""
+        module = self.module
+        if x.requires_grad and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            return True
+        return None
+
+    def after_forward(self, token) -> None:
+        if token:
+            self.module.support_avx512bf16_for_cpu = True
+
+
+def _unpacked_for_cpu(bnbf, data: Tensor, state):
+    """A copy of a weight bitsandbytes re-packed for its CPU inference kernel, in the layout
+    ``dequantize_4bit`` reads, with the block scales the kernel itself uses (bfloat16, one row of
+    blocks per output feature). bitsandbytes' own inverse re-quantises those scales and, without
+    double quantisation, leaves them transposed: its W can be off by a quarter."""
+    unpack = getattr(bnbf, "_convert_weight_packed_for_cpu_inverse", None)
+    if unpack is None:
+        raise ValueError("this bitsandbytes re-packed a 4-bit weight for CPU inference and offers no way to "
+                         "read it back; run evaluation before wrapping or under model.train()")
+    absmax = state.absmax.T.reshape(-1).float()  # packed: (in/blocksize, out) bfloat16
+    data, unpacked = unpack(data.clone(), copy.deepcopy(state))  # the 4-bit codes come back exactly
+    unpacked.absmax, unpacked.nested, unpacked.dtype = absmax, False, torch.float32
+    for stale in ("state2", "offset"):
+        if hasattr(unpacked, stale):
+            setattr(unpacked, stale, None)
+    return data, unpacked
 
 
 def packed_weight_reason(module: nn.Module) -> Optional[str]:

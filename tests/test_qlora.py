@@ -112,25 +112,70 @@ def test_low_rank_feedback_changes_qlora_gradients_and_trains():
 
 
 def test_weight_is_read_right_after_bitsandbytes_repacks_it_for_cpu_inference():
-    """On a CPU with AVX512-BF16, one eval-mode forward under no_grad re-packs a Linear4bit weight in
-    place (bitsandbytes' inference layout); the de-quantised W that LDFA reads must not change."""
+    """On a CPU with AVX512-BF16 an eval forward under no_grad re-packs a Linear4bit weight in place
+    for bitsandbytes' inference kernel. The re-pack is plain torch, so it is done here directly (any
+    CPU): LDFA must read the W that kernel uses, with the block scales rounded to bfloat16, and leave
+    the module packed. Block scales differ by 100x across a row, so a transposed scale table shows."""
+    import bitsandbytes.functional as bnbf
+
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(128, 192), nn.ReLU(), nn.Linear(192, 64))
-    quantize(model, skip=())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="bp"))
-    view = plugin.layers["0"]
-    before = view.weight().clone()
-    model.eval()
-    with torch.no_grad():
-        model(torch.randn(4, 128))
-    if not getattr(model[0].weight.quant_state, "packing_format_for_cpu", False):
-        pytest.skip("this CPU keeps bitsandbytes' training layout at eval time (no AVX512-BF16)")
-    after = view.weight()
-    assert after.shape == before.shape
-    assert torch.allclose(after, before, atol=2e-3)  # absmax is re-quantised on the way back: ~1e-4
-    assert getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)  # the module is left as it was
+    for double_quant in (False, True):
+        layer = nn.Linear(256, 128, bias=False)
+        with torch.no_grad():
+            layer.weight.mul_(torch.logspace(-1, 1, 256).repeat_interleave(1)[None, :])
+        q = bnb.nn.Linear4bit(256, 128, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                              compress_statistics=double_quant)
+        q.weight = bnb.nn.Params4bit(layer.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=double_quant)
+        q = q.to("cpu")
+        model = nn.Sequential(q)
+        plugin = ldfa_hf.wrap(model, LDFAConfig(rule="bp"))
+        before = plugin.layers["0"].weight().clone()
+        q.weight.data, q.weight.quant_state = bnbf._convert_weight_packed_for_cpu(q.weight.data, q.weight.quant_state)
+        after = plugin.layers["0"].weight()
+        assert after.shape == before.shape == (128, 256)
+        # only the block scales' bfloat16 rounding separates the two (2^-8 relative)
+        assert torch.allclose(after, before, rtol=2 ** -7, atol=0), double_quant
+        assert (after - before).norm() / before.norm() < 2e-3
+        assert q.weight.quant_state.packing_format_for_cpu  # the module is left as bitsandbytes made it
+        plugin.detach()
+
+
+def test_forward_with_gradients_never_takes_the_cpu_inference_kernel(monkeypatch):
+    """bitsandbytes re-packs a weight for its bf16 CPU kernel when a forward's input needs no gradient
+    outside training mode. LDFA's detached input must not send a forward with gradients there: the
+    same layers re-pack with and without LDFA, and the forward and LoRA gradients are bit-identical.
+    The instruction set is simulated (the flag bitsandbytes reads), so this runs on every CPU."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    repacked: list = []
+
+    def spy(data, state, *args, **kwargs):  # record, leave the weight as it is (no kernel needed)
+        repacked.append(next(n for n, m in current.named_modules() if isinstance(m, bnb.nn.Linear4bit)
+                             and m.weight.data_ptr() == data.data_ptr()))
+        return data, state
+
+    monkeypatch.setattr(bnb_modules, "_convert_weight_packed_for_cpu", spy)
+    reference = tiny_qlora()
+    model = copy.deepcopy(reference)
+    ldfa_hf.wrap(model, LDFAConfig(rule="bp"))
+    results = {}
+    for key, current in (("plain", reference), ("ldfa", model)):
+        current.eval()  # from_pretrained's mode, in which the kernel choice depends on requires_grad
+        for module in current.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = True
+        repacked.clear()
+        out = current(**batch())
+        out.loss.backward()
+        results[key] = (sorted(repacked), out.logits.detach(), lora_grads(current))
+        assert all(m.support_avx512bf16_for_cpu for m in current.modules() if isinstance(m, bnb.nn.Linear4bit))
+    (plain_packed, plain_logits, plain_grads), (packed, logits, grads) = results["plain"], results["ldfa"]
+    assert packed == plain_packed and len(plain_packed) < 14  # only inputs that need no gradient
+    assert torch.equal(logits, plain_logits)
+    assert grads.keys() == plain_grads.keys() and len(grads) == 28
+    for name in grads:
+        assert torch.allclose(grads[name], plain_grads[name], rtol=1e-5, atol=1e-7), name
 
 
 def test_llm_sft_tiny_qlora_loads_through_bitsandbytes_config(tmp_path):
