@@ -239,6 +239,12 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             options["rows"] = int(word[4:])
         elif word.startswith("frac"):  # sampled: the share of rows computed exactly
             options["fraction"] = float(word[4:])
+        elif word.startswith("skip") and word[4:].replace(".", "", 1).isdigit():  # skip0.5: skip_branches
+            settings["skip_branches"] = float(word[4:])
+        elif word.startswith("bridge") and word[6:].isdigit():  # bridge32: skipped branches bridged at rank 32
+            settings["branch_bridge"] = int(word[6:])
+        elif word in ("uniform", "depth", "sensitivity"):  # how the branch rates are allocated
+            settings["branch_allocation"] = word
         elif word.startswith("decay"):
             options["decay"] = float(word[5:])
         else:

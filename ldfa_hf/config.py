@@ -23,6 +23,7 @@ AUTO_REFRESH_FALLBACK = 500  # refresh_every="auto" when the epoch length is unk
 # any name given to ``register_rule`` is accepted too
 RuleName = Literal["svd", "local", "oja", "calibrated", "streaming", "sampled", "fixed", "fa", "dfa", "bp"]
 # LDFAConfig fields only some rules read (``Rule.settings``): setting one the rule ignores warns
+BranchAllocation = Literal["sensitivity", "depth", "uniform"]
 RULE_SETTINGS = ("refit_every", "calibrate_every", "feedback_lr", "feedback_weight_decay")
 
 
@@ -67,6 +68,25 @@ def _check_rate(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number >= 0 (or None for the rule's default); got {value!r}")
 
 
+def _check_branch_map(value: Any) -> None:
+    if value is None:
+        return
+    example = ("{'blocks': r'layers\\.\\d+', 'branches': {'attention': ['input_layernorm', 'self_attn'], "
+               "'mlp': ['post_attention_layernorm', 'mlp']}}")
+    if not isinstance(value, dict) or set(value) != {"blocks", "branches"} or not isinstance(value["blocks"], str) \
+            or not isinstance(value["branches"], dict) or not value["branches"]:
+        raise ValueError(f"branch_map must look like {example}; got {value!r}")
+    try:
+        re.compile(value["blocks"])
+    except re.error as err:
+        raise ValueError(f"branch_map['blocks']={value['blocks']!r} is not a valid regular expression: {err}") from None
+    for role, ends in value["branches"].items():
+        if not isinstance(role, str) or not isinstance(ends, (list, tuple)) or len(ends) != 2 \
+                or not all(isinstance(e, str) and e for e in ends):
+            raise ValueError(f"branch_map['branches'][{role!r}] must be [input module, output module] "
+                             f"(names inside the block); got {ends!r}")
+
+
 @dataclass
 class LDFAConfig:
     """Settings for Low-Dimensional Feedback Alignment.
@@ -107,6 +127,19 @@ class LDFAConfig:
         error_clip: clamp the propagated error to ``±error_clip``; ``"auto"``
             takes the rule's default (1.0 for ``oja``, none otherwise).
         seed: seeds factor initialisation and randomised SVDs (same on every process).
+        skip_branches: the mean share (0 ≤ s < 1) of the residual branches (each block's attention and
+            MLP, with their norms) whose backward is skipped each step, drawn afresh every step: the error
+            goes down the residual path alone and the branch's adapters rest that step (docs/METHOD.md §3e).
+            0 (default) skips nothing.
+        branch_bridge: with ``skip_branches``, a skipped branch still sends its input a rank-r error
+            ``(δ P) Q`` fitted from the steps it ran exact; 0 (default) sends nothing.
+        branch_allocation: how the per-branch rates are set: ``"sensitivity"`` (default; branches
+            that add little error to the stream skip more), ``"depth"`` (falling linearly to 0 at the
+            top block) or ``"uniform"`` (DropBP's plain form).
+        branch_map: where the branches are, for a model family ``ldfa_hf.branches.BRANCH_MAPPINGS``
+            lacks: ``{"blocks": r"layers\.\d+", "branches": {"attention": ["input_layernorm",
+            "self_attn"], "mlp": ["post_attention_layernorm", "mlp"]}}`` (each branch: the module whose
+            input is the branch's input, the one whose output the block adds to the stream).
         rule_options: settings of the chosen rule itself (``Rule.options``), checked by the rule,
             e.g. ``{"subspace": "output"}`` for ``calibrated``; saved with the plugin.
 
@@ -132,6 +165,10 @@ class LDFAConfig:
     error_clip: Union[float, str, None] = "auto"
     seed: int = 0
     rule_options: dict = field(default_factory=dict)
+    skip_branches: float = 0.0
+    branch_bridge: int = 0
+    branch_allocation: BranchAllocation = "sensitivity"
+    branch_map: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -177,6 +214,14 @@ class LDFAConfig:
         if not (clip is None or clip == "auto"):
             if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0:
                 raise ValueError(f"error_clip must be a positive number, None or 'auto'; got {clip!r}")
+        if isinstance(self.skip_branches, bool) or not isinstance(self.skip_branches, (int, float)) \
+                or not 0 <= self.skip_branches < 1:
+            raise ValueError(f"skip_branches must be a share 0 <= s < 1 of the residual branches; got {self.skip_branches!r}")
+        if not _is_int(self.branch_bridge) or self.branch_bridge < 0:
+            raise ValueError(f"branch_bridge must be an int >= 0 (the bridge's rank; 0: none); got {self.branch_bridge!r}")
+        if self.branch_allocation not in ("sensitivity", "depth", "uniform"):
+            raise ValueError(f"branch_allocation must be 'sensitivity', 'depth' or 'uniform'; got {self.branch_allocation!r}")
+        _check_branch_map(self.branch_map)
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an int; got {self.seed!r}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}

@@ -15,7 +15,9 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import diagnostics, distributed
+from . import allocation, diagnostics, distributed
+from .branch_hook import REFIT_EVERY, BranchHook, fit_bridge, gain, pool
+from .branches import find_branches
 from .config import AUTO_REFRESH_FALLBACK, LDFAConfig, LDFAWarning
 from .feedback import FeedbackHook, Switch
 from .linalg import factor_generator
@@ -26,6 +28,7 @@ from .zero_rows import ZeroRowSkipping, output_layer
 STATE_NAME = "ldfa_state.safetensors"
 _STEP_KEY = "__ldfa__.num_steps"
 _SKIPPED_KEY = "__ldfa__.skipped"
+_BRANCH_PREFIX = "__branch__."
 
 
 class LayerView(NamedTuple):
@@ -44,6 +47,20 @@ class LayerView(NamedTuple):
     pending_samples: float  # samples behind ``statistics``
     input_grad: bool        # whether its input needed a gradient in its last training forward
     weight: Callable[[], Tensor]  # W as m × n (refuses a weight sharded away outside forward)
+
+
+class BranchView(NamedTuple):
+    """One residual branch as seen from outside the plugin (``skip_branches``)."""
+
+    name: str
+    role: str               # "attention", "mlp", or a branch_map role
+    depth: int              # block index, 0 at the bottom
+    mode: str               # this step's: "exact", "skip" or "bridge"
+    rate: float             # its probability of skipping a step
+    gain: float             # measured ‖J_bᵀ δ‖ / ‖δ‖ (0 before it ran exact)
+    exact_backwards: int    # backwards it ran since attach
+    P: Optional[Tensor]     # the bridge, d × r (None without one, or before its first fit)
+    Q: Optional[Tensor]
 
 
 class LDFAPlugin:
@@ -73,6 +90,9 @@ class LDFAPlugin:
         self.steps_per_epoch: Optional[int] = None  # optimizer steps per epoch, if known ("auto" refresh)
         self._hooks: dict[str, FeedbackHook] = {}  # one record per targeted layer, in module order
         self._head: Optional[ZeroRowSkipping] = None  # the exact LM head's zero-row-skipping backward
+        self._branches: dict[str, BranchHook] = {}  # residual branches (skip_branches > 0), bottom first
+        self._pooled: dict[str, dict] = {}  # per branch: decayed sums of its exact steps' statistics
+        self._rates: Optional[Tensor] = None
         self._model: Optional[nn.Module] = None
         self._synced = False
         self._pending = False  # factors wait for real weights (model wrapped on the meta device)
@@ -108,9 +128,10 @@ class LDFAPlugin:
         if self.rule.has_factors and not self._pending:
             self._init_factors(hooks)
         head = self._exact_head(model, hooks)
+        branches = self._find_branches(model)
         registered = []
         try:
-            for hook in [*hooks.values(), *([head] if head else [])]:
+            for hook in [*hooks.values(), *([head] if head else []), *branches.values()]:
                 registered.append(hook.register())
         except BaseException:
             for hook in registered:
@@ -118,6 +139,7 @@ class LDFAPlugin:
             raise
 
         self._hooks, self._head = hooks, head
+        self._branches, self._pooled = branches, {name: {} for name in branches}
         self._model = model
         if not self._pending:
             self.rule.attach(list(hooks.values()))
@@ -136,6 +158,18 @@ class LDFAPlugin:
             return None
         name = next((n for n, m in model.named_modules() if m is head), None)
         return None if name is None else ZeroRowSkipping(name, head, self.switch)
+
+    def _find_branches(self, model: nn.Module) -> dict[str, BranchHook]:
+        """The residual branches whose backward may be skipped (``skip_branches``), or none."""
+        if self.config.skip_branches <= 0:
+            return {}
+        measure = self.config.branch_allocation == "sensitivity" or self.config.branch_bridge > 0
+        hooks = {}
+        for branch in find_branches(model, self.config.branch_map):
+            hook = BranchHook(branch, self.switch, bridge_rank=self.config.branch_bridge or None)
+            hook.measure = measure
+            hooks[branch.name] = hook
+        return hooks
 
     def _init_factors(self, hooks: Mapping[str, FeedbackHook]) -> None:
         """Every layer's initial P, Q from its weight (seeded by name: the same on every process)."""
@@ -190,9 +224,10 @@ class LDFAPlugin:
 
     def detach(self) -> None:
         """Remove every hook: the model is exactly as it was before ``attach``."""
-        for hook in [*self._hooks.values(), *([self._head] if self._head else [])]:
+        for hook in [*self._hooks.values(), *([self._head] if self._head else []), *self._branches.values()]:
             hook.remove()
         self._hooks, self._head, self._model = {}, None, None
+        self._branches, self._pooled, self._rates = {}, {}, None
         self.rule.optimizer = None
         compiled_code_sees_hooks()
 
@@ -227,6 +262,7 @@ class LDFAPlugin:
         interval = self.refresh_interval
         refresh = self.rule.refreshes and interval is not None and self.num_steps % interval == 0
         self.rule.update(layers, self.num_steps, refreshing=refresh)
+        self._update_branches()
         self.reset_statistics()
         for hook in layers:
             hook.backward_seen = False
@@ -251,10 +287,79 @@ class LDFAPlugin:
         """Tell the rule which step comes next (a function of the step count only, so a resumed
         run behaves on every step as an uninterrupted one)."""
         self.rule.begin_step(self.num_steps)
+        self._draw_branches()
+
+    # -- residual branches (skip_branches) ---------------------------------------------------------
+    def _update_branches(self) -> None:
+        """Fold the exact branches' statistics into their pooled ones; refit a few bridges."""
+        if not self._branches:
+            return
+        self._average_branch_statistics()
+        for index, (name, hook) in enumerate(self._branches.items()):
+            fresh = pool(hook, self._pooled[name])
+            if fresh:
+                self._pooled[name]["fresh"] = torch.ones(())
+            due = (self.num_steps + index) % REFIT_EVERY == 0 or hook.P is None
+            if hook.bridge_rank and due and self._pooled[name].pop("fresh", None) is not None:
+                fitted = fit_bridge(self._pooled[name], hook.bridge_rank)
+                if fitted is not None and all(torch.isfinite(t).all() for t in fitted):
+                    hook.P, hook.Q = fitted
+
+    def branch_rates(self) -> Tensor:
+        """Each branch's probability of skipping the next step, bottom branch first."""
+        hooks = list(self._branches.values())
+        mean, how = self.config.skip_branches, self.config.branch_allocation
+        if how == "uniform":
+            return allocation.uniform_rates(len(hooks), mean)
+        if how == "depth":
+            return allocation.depth_rates(torch.tensor([h.depth for h in hooks]), mean)
+        gains = torch.tensor([gain(self._pooled[h.name]) for h in hooks], dtype=torch.float64)
+        if not bool((gains > 0).all()):
+            return torch.zeros(len(hooks), dtype=torch.float64)  # every branch runs exact until measured
+        return allocation.sensitivity_rates(gains, mean)
+
+    def _draw_branches(self) -> None:
+        """This step's mode of every branch: a function of the seed, the step and the pooled
+        statistics (all in the state), so equal on every process and after a resume."""
+        if not self._branches:
+            return
+        self._rates = self.branch_rates()
+        skip = allocation.draw(self._rates, self.config.seed, self.num_steps)
+        for hook, skipped in zip(self._branches.values(), skip.tolist()):
+            hook.mode = "exact" if not skipped else ("bridge" if hook.P is not None else "skip")
+
+    def _average_branch_statistics(self) -> None:
+        if distributed.world_size() == 1:
+            return
+        flat = []
+        for hook in self._branches.values():
+            if hook.mode != "exact" or not hook.measure:
+                continue
+            for key in ("out2", "in2"):  # every process ran the same modes, so has the same keys
+                hook.stats.setdefault(key, torch.zeros(()))
+            flat += [hook.stats[key] for key in ("out2", "in2", "oo", "oi") if key in hook.stats]
+        if flat:
+            distributed.average_(flat)
+
+    @property
+    def branches(self) -> Mapping[str, BranchView]:
+        """Residual branch name → a read-only view (role, depth, this step's mode, rate, gain, bridge).
+
+        Example:
+            >>> plugin = ldfa_hf.wrap(model, LDFAConfig.for_finetuning(skip_branches=0.5))
+            >>> {name: b.mode for name, b in plugin.branches.items()}
+        """
+        rates = self._rates.tolist() if self._rates is not None else [0.0] * len(self._branches)
+        return MappingProxyType({
+            name: BranchView(name, hook.role, hook.depth, hook.mode, rate, gain(self._pooled[name]),
+                             hook.backward_runs, None if hook.P is None else hook.P.detach(),
+                             None if hook.Q is None else hook.Q.detach())
+            for (name, hook), rate in zip(self._branches.items(), rates)
+        })
 
     def reset_statistics(self) -> None:
         """Drop what the backward hooks gathered since the last step (e.g. after a skipped step)."""
-        for hook in self._hooks.values():
+        for hook in [*self._hooks.values(), *self._branches.values()]:
             hook.clear_stats()
 
     def _average_statistics(self, hooks: list[FeedbackHook]) -> None:
@@ -387,6 +492,12 @@ class LDFAPlugin:
         for key, factor in self._stored_factors():
             state[key] = factor.detach()
         state.update(self.rule.state_dict(list(self._hooks.values())))
+        for name, hook in self._branches.items():
+            pooled = {k: v for k, v in self._pooled[name].items()}
+            if hook.P is not None:
+                pooled.update(P=hook.P, Q=hook.Q)
+            for key, value in pooled.items():
+                state[f"{_BRANCH_PREFIX}{name}.{key}"] = value.detach()
         return state
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
@@ -403,8 +514,10 @@ class LDFAPlugin:
                     f"LDFA state {key} has shape {tuple(state[key].shape)}, "
                     f"this model needs {tuple(factor.shape)} (different rank or model?)"
                 )
+        branch_keys = {k for k in state if k.startswith(_BRANCH_PREFIX)}
+        branch_state = self._branch_state(state, branch_keys)
         missing = sorted(expected - set(state))
-        unexpected = self.rule.unexpected_state(layers, set(state) - expected)
+        unexpected = self.rule.unexpected_state(layers, set(state) - expected - branch_keys)
         if missing or unexpected:
             raise ValueError(
                 f"LDFA state does not match this model's targets: missing {missing[:5]}"
@@ -414,6 +527,10 @@ class LDFAPlugin:
         if state[_SKIPPED_KEY].numel() != len(self._hooks):
             raise ValueError("LDFA state has skipped-update counters for a different number of layers")
         self.num_steps = int(state[_STEP_KEY])
+        for name, hook in self._branches.items():
+            values = branch_state.get(name, {})
+            hook.P, hook.Q = values.pop("P", None), values.pop("Q", None)
+            self._pooled[name] = values
         self._schedule()
         for hook, skipped in zip(layers, state[_SKIPPED_KEY].tolist()):
             hook.skipped = int(skipped)
@@ -421,6 +538,17 @@ class LDFAPlugin:
             factor.data.copy_(state[key])
         self.rule.load_state_dict(layers, {k: v for k, v in state.items() if k not in expected})
         self.reset_statistics()
+
+    def _branch_state(self, state: Mapping[str, Tensor], keys: set) -> dict[str, dict]:
+        """The branch entries of a state dict, by branch; a branch this plugin lacks is refused."""
+        out: dict[str, dict] = {}
+        for key in keys:
+            name, _, field = key[len(_BRANCH_PREFIX):].rpartition(".")
+            if name not in self._branches or field not in ("out2", "in2", "oo", "oi", "fresh", "P", "Q"):
+                raise ValueError(f"LDFA state has {key!r}, but this plugin has no such residual branch statistic "
+                                 f"(skip_branches={self.config.skip_branches}, {len(self._branches)} branches)")
+            out.setdefault(name, {})[field] = state[key].detach().clone()
+        return out
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
         """Write ``ldfa_config.json`` and ``ldfa_state.safetensors`` into ``save_directory``."""

@@ -1,0 +1,76 @@
+"""Which residual branches skip their backward this step: rates from measured sensitivity, then a
+seeded draw.
+
+The sensitivity of a branch is its error gain, ``‖J_bᵀ δ‖ / ‖δ‖``: how much error it adds to the
+residual stream's on the way down, measured on the steps it ran exact. Skipping a branch drops
+that error from every layer below it and its adapters' update for the step, so branches that add
+little are skipped more often: ``p_b = min(cap, c / gain_b)``, with ``c`` set so that the rates
+average the configured share. The cap keeps every branch's adapters learning on at least
+``1 − cap`` of the steps (docs/METHOD.md §3e).
+
+The draw is a function of (seed, step) alone, so every process makes the same one and a resumed
+run repeats the uninterrupted run's draws. It is systematic sampling in a shuffled order: each
+branch is skipped with exactly its rate, and every step skips the same number of branches
+(``round(Σ p_b)`` give or take one), so no step is slow by chance.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MAX_SKIP = 0.75  # no branch skips more often than this
+
+
+def uniform_rates(n: int, mean: float) -> Tensor:
+    return torch.full((n,), float(mean), dtype=torch.float64)
+
+
+def depth_rates(depths: Tensor, mean: float, cap: float = MAX_SKIP) -> Tensor:
+    """Falling linearly from the bottom block to 0 at the top, averaging ``mean`` (capped)."""
+    top = float(depths.max()) if depths.numel() else 0.0
+    shape = 1.0 - depths.double() / max(top, 1.0)
+    return _scaled(shape, mean, cap)
+
+
+def sensitivity_rates(gain: Tensor, mean: float, cap: float = MAX_SKIP) -> Tensor:
+    """``min(cap, c / gain)`` averaging ``mean``; a branch with no measured gain yet is never skipped."""
+    gain = gain.double()
+    measured = gain > 0
+    shape = torch.where(measured, 1.0 / gain.clamp_min(1e-12), torch.zeros_like(gain))
+    return _scaled(shape, mean, cap)
+
+
+def _scaled(shape: Tensor, mean: float, cap: float) -> Tensor:
+    """``min(cap, c · shape)`` with ``c`` found by bisection so that the mean is ``mean`` (or as
+    close as the cap allows)."""
+    n = shape.numel()
+    if n == 0 or mean <= 0 or float(shape.max()) <= 0:
+        return torch.zeros_like(shape)
+    target = min(mean, cap * float((shape > 0).sum()) / n)
+    lo, hi = 0.0, cap / float(shape[shape > 0].min())
+    for _ in range(60):
+        c = (lo + hi) / 2
+        if float((c * shape).clamp(max=cap).mean()) < target:
+            lo = c
+        else:
+            hi = c
+    return (hi * shape).clamp(max=cap)
+
+
+def draw(rates: Tensor, seed: int, step: int) -> Tensor:
+    """A bool mask, True = skip this step: branch b with probability ``rates[b]``, a near-constant
+    count per step, the same on every process for the same (seed, step)."""
+    n = rates.numel()
+    if n == 0 or float(rates.sum()) == 0:
+        return torch.zeros(n, dtype=torch.bool)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+    order = torch.randperm(n, generator=generator)
+    offset = float(torch.rand((), generator=generator, dtype=torch.float64))
+    ends = torch.cumsum(rates.double()[order], 0)
+    starts = ends - rates.double()[order]
+    # a point offset + k (k = 0, 1, ...) falling in [start, end) picks that branch
+    picked = torch.floor(ends - offset) > torch.floor(starts - offset)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order] = picked
+    return mask

@@ -1,0 +1,90 @@
+"""Where the residual branches of a transformer block are, per model family.
+
+A block adds two branches to its residual stream: attention and the MLP, each with its norm.
+A branch is named by two modules inside the block: the one whose *input* is the branch's input
+(the pre-norm, or the first layer of a post-norm branch) and the one whose *output* is what the
+block adds to the stream. The family knowledge lives in this one table, as PEFT's target-module
+mappings do; a new family is one entry, and ``LDFAConfig(branch_map=...)`` names them for a model
+the table lacks.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple, Optional
+
+from torch import nn
+
+
+class BranchSpec(NamedTuple):
+    blocks: str                         # regex for a block's name, matched at the end of the full name
+    branches: dict                      # role → (input module, output module), both relative to the block
+
+
+_PRE_NORM_DECODER = BranchSpec(r"layers\.\d+", {"attention": ("input_layernorm", "self_attn"),
+                                                "mlp": ("post_attention_layernorm", "mlp")})
+
+BRANCH_MAPPINGS: dict[str, BranchSpec] = {
+    **{family: _PRE_NORM_DECODER for family in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
+                                                "phi3", "olmo", "olmo2", "granite", "smollm3")},
+    "gpt2": BranchSpec(r"h\.\d+", {"attention": ("ln_1", "attn"), "mlp": ("ln_2", "mlp")}),
+    # post-norm: the residual add and LayerNorm sit in the output module's parent, outside the branch
+    "bert": BranchSpec(r"layer\.\d+", {"attention": ("attention.self", "attention.output.dense"),
+                                       "mlp": ("intermediate", "output.dense")}),
+    "vit": BranchSpec(r"layer\.\d+", {"attention": ("layernorm_before", "attention.output.dense"),
+                                      "mlp": ("layernorm_after", "output.dense")}),
+}
+
+
+class Branch(NamedTuple):
+    """One residual branch: ``"<block>.<role>"``, its depth (block index), and its two end modules."""
+
+    name: str
+    role: str
+    depth: int
+    input_module: nn.Module
+    output_module: nn.Module
+
+
+def model_type(model: nn.Module) -> Optional[str]:
+    """``config.model_type`` of the model, or of the model a wrapper (PEFT) holds."""
+    for module in model.modules():
+        kind = getattr(getattr(module, "config", None), "model_type", None)
+        if isinstance(kind, str):
+            return kind
+    return None
+
+
+def spec_for(model: nn.Module, branch_map: Optional[dict]) -> BranchSpec:
+    if branch_map is not None:
+        return BranchSpec(branch_map["blocks"], {role: tuple(ends) for role, ends in branch_map["branches"].items()})
+    family = model_type(model)
+    if family not in BRANCH_MAPPINGS:
+        raise ValueError(
+            f"LDFA branch skipping does not know where the residual branches of model_type {family!r} are "
+            f"(known: {', '.join(sorted(BRANCH_MAPPINGS))}); name them with LDFAConfig(branch_map={{'blocks': "
+            "r'layers\\.\\d+', 'branches': {'attention': ['input_layernorm', 'self_attn'], 'mlp': "
+            "['post_attention_layernorm', 'mlp']}})")
+    return BRANCH_MAPPINGS[family]
+
+
+def find_branches(model: nn.Module, branch_map: Optional[dict] = None) -> list[Branch]:
+    """Every block's branches, bottom block first; a model where none are found raises one error
+    naming what was looked for. Nothing is changed."""
+    spec = spec_for(model, branch_map)
+    pattern = re.compile(rf"(?:.*\.)?({spec.blocks})")
+    modules = dict(model.named_modules())
+    blocks = [name for name in modules if pattern.fullmatch(name)]
+    found, missing = [], []
+    for depth, block in enumerate(blocks):
+        for role, (start, end) in spec.branches.items():
+            ends = [modules.get(f"{block}.{part}" if block else part) for part in (start, end)]
+            if None in ends:
+                missing.append(f"{block}.{start if ends[0] is None else end}")
+                continue
+            found.append(Branch(f"{block}.{role}", role, depth, ends[0], ends[1]))
+    if missing or not found:
+        what = f"blocks matching {spec.blocks!r} with branches {dict(spec.branches)}"
+        detail = f"missing {missing[:3]}" if missing else "no block matched"
+        raise ValueError(f"LDFA found no residual branches in {type(model).__name__}: looked for {what}; {detail}")
+    return found
