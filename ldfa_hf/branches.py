@@ -11,7 +11,7 @@ the table lacks.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 from torch import nn
 
@@ -24,15 +24,18 @@ class BranchSpec(NamedTuple):
 _PRE_NORM_DECODER = BranchSpec(r"layers\.\d+", {"attention": ("input_layernorm", "self_attn"),
                                                 "mlp": ("post_attention_layernorm", "mlp")})
 
-BRANCH_MAPPINGS: dict[str, BranchSpec] = {
+# a family whose module names changed across transformers versions lists one spec per layout
+BRANCH_MAPPINGS: dict[str, Union[BranchSpec, tuple]] = {
     **{family: _PRE_NORM_DECODER for family in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
                                                 "phi3", "olmo", "olmo2", "granite", "smollm3")},
     "gpt2": BranchSpec(r"h\.\d+", {"attention": ("ln_1", "attn"), "mlp": ("ln_2", "mlp")}),
     # post-norm: the residual add and LayerNorm sit in the output module's parent, outside the branch
     "bert": BranchSpec(r"layer\.\d+", {"attention": ("attention.self", "attention.output.dense"),
                                        "mlp": ("intermediate", "output.dense")}),
-    "vit": BranchSpec(r"layer\.\d+", {"attention": ("layernorm_before", "attention.output.dense"),
-                                      "mlp": ("layernorm_after", "output.dense")}),
+    "vit": (BranchSpec(r"layers\.\d+", {"attention": ("layernorm_before", "attention"),  # transformers 5
+                                       "mlp": ("layernorm_after", "mlp")}),
+            BranchSpec(r"layer\.\d+", {"attention": ("layernorm_before", "attention.output.dense"),  # 4.x
+                                      "mlp": ("layernorm_after", "output.dense")})),
 }
 
 
@@ -55,9 +58,9 @@ def model_type(model: nn.Module) -> Optional[str]:
     return None
 
 
-def spec_for(model: nn.Module, branch_map: Optional[dict]) -> BranchSpec:
+def specs_for(model: nn.Module, branch_map: Optional[dict]) -> tuple:
     if branch_map is not None:
-        return BranchSpec(branch_map["blocks"], {role: tuple(ends) for role, ends in branch_map["branches"].items()})
+        return (BranchSpec(branch_map["blocks"], {role: tuple(ends) for role, ends in branch_map["branches"].items()}),)
     family = model_type(model)
     if family not in BRANCH_MAPPINGS:
         raise ValueError(
@@ -65,15 +68,25 @@ def spec_for(model: nn.Module, branch_map: Optional[dict]) -> BranchSpec:
             f"(known: {', '.join(sorted(BRANCH_MAPPINGS))}); name them with LDFAConfig(branch_map={{'blocks': "
             "r'layers\\.\\d+', 'branches': {'attention': ['input_layernorm', 'self_attn'], 'mlp': "
             "['post_attention_layernorm', 'mlp']}})")
-    return BRANCH_MAPPINGS[family]
+    entry = BRANCH_MAPPINGS[family]
+    return (entry,) if isinstance(entry, BranchSpec) else entry
 
 
 def find_branches(model: nn.Module, branch_map: Optional[dict] = None) -> list[Branch]:
     """Every block's branches, bottom block first; a model where none are found raises one error
     naming what was looked for. Nothing is changed."""
-    spec = spec_for(model, branch_map)
-    pattern = re.compile(rf"(?:.*\.)?({spec.blocks})")
     modules = dict(model.named_modules())
+    errors = []
+    for spec in specs_for(model, branch_map):
+        found, problem = _branches_by(spec, modules)
+        if found:
+            return found
+        errors.append(f"blocks matching {spec.blocks!r} with branches {dict(spec.branches)}: {problem}")
+    raise ValueError(f"LDFA found no residual branches in {type(model).__name__}: looked for {'; or '.join(errors)}")
+
+
+def _branches_by(spec: BranchSpec, modules: dict) -> tuple[list, str]:
+    pattern = re.compile(rf"(?:.*\.)?({spec.blocks})")
     blocks = [name for name in modules if pattern.fullmatch(name)]
     found, missing = [], []
     for depth, block in enumerate(blocks):
@@ -84,7 +97,5 @@ def find_branches(model: nn.Module, branch_map: Optional[dict] = None) -> list[B
                 continue
             found.append(Branch(f"{block}.{role}", role, depth, ends[0], ends[1]))
     if missing or not found:
-        what = f"blocks matching {spec.blocks!r} with branches {dict(spec.branches)}"
-        detail = f"missing {missing[:3]}" if missing else "no block matched"
-        raise ValueError(f"LDFA found no residual branches in {type(model).__name__}: looked for {what}; {detail}")
-    return found
+        return [], (f"missing {missing[:3]}" if missing else "no block matched")
+    return found, ""

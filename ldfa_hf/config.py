@@ -89,7 +89,7 @@ def _check_branch_map(value: Any) -> None:
 
 @dataclass
 class LDFAConfig:
-    """Settings for Low-Dimensional Feedback Alignment.
+    r"""Settings for Low-Dimensional Feedback Alignment.
 
     Args:
         rank: feedback rank r; each layer uses ``min(rank, m, n)``.
