@@ -34,7 +34,37 @@ def main(out: str) -> None:
                   os.path.join(out, f"{rule}_rank{rank}.safetensors"))
     with open(os.path.join(out, f"errors_rank{rank}.json"), "w") as fh:
         json.dump(errors, fh)
+    branch_skipping(out, rank)
     dist.destroy_process_group()
+
+
+def branch_skipping(out: str, rank: int) -> None:
+    """skip_branches with a bridge under FSDP2 and under DDP (whose skipped parameters get no
+    gradient: find_unused_parameters): each rank's modes per step, and its final state."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    config = ldfa_hf.LDFAConfig(rule="bp", skip_branches=0.5, branch_bridge=4, seed=3)
+    for how in ("fsdp2", "ddp"):
+        model, vocab, seq = fsdp_llama.build(tiny=True, seed=0)
+        if how == "fsdp2":
+            fsdp_llama.shard(model)
+            plugin = ldfa_hf.wrap(model, config)
+            run = model
+        else:
+            plugin = ldfa_hf.wrap(model, config)
+            run = DistributedDataParallel(model, find_unused_parameters=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        modes = []
+        for ids in fsdp_llama.batches(vocab, seq, global_batch=4, steps=5, seed=rank if how == "ddp" else 0):
+            modes.append([b.mode for b in plugin.branches.values()])
+            run(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            plugin.step()
+        state = {k: v.contiguous() for k, v in plugin.state_dict().items() if k.startswith("__branch__")}
+        save_file(state, os.path.join(out, f"branches_{how}_rank{rank}.safetensors"))
+        with open(os.path.join(out, f"branch_modes_{how}_rank{rank}.json"), "w") as fh:
+            json.dump(modes, fh)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,9 @@ def test_fsdp2_runs_every_other_rule_and_stats(tmp_path):
     assert errors[0]["dfa"] != errors[0]["dfa"]  # nan: dfa has no P Q standing in for W
     for rule in ("oja", "fixed", "fa", "dfa"):
         assert_same(load_file(tmp_path / f"{rule}_rank0.safetensors"), load_file(tmp_path / f"{rule}_rank1.safetensors"), 0)
+    for how in ("fsdp2", "ddp"):  # skip_branches: the same draws on both ranks, the same pooled statistics
+        modes = [json.loads((tmp_path / f"branch_modes_{how}_rank{r}.json").read_text()) for r in (0, 1)]
+        assert modes[0] == modes[1] and any("bridge" in step for step in modes[0]), how
+        states = [load_file(tmp_path / f"branches_{how}_rank{r}.safetensors") for r in (0, 1)]
+        assert any(k.endswith(".P") for k in states[0]), how
+        assert_same(states[0], states[1], 0)
