@@ -34,10 +34,11 @@ def depth_rates(depths: Tensor, mean: float, cap: float = MAX_SKIP) -> Tensor:
 
 
 def sensitivity_rates(gain: Tensor, mean: float, cap: float = MAX_SKIP) -> Tensor:
-    """``min(cap, c / gain)`` averaging ``mean``; a branch with no measured gain yet is never skipped."""
+    """``min(cap, c / gain)`` averaging ``mean``; a branch not measured yet (NaN) is never skipped,
+    one that sends nothing down (gain 0) is skipped at the cap."""
     gain = gain.double()
-    measured = gain > 0
-    shape = torch.where(measured, 1.0 / gain.clamp_min(1e-12), torch.zeros_like(gain))
+    measured = ~torch.isnan(gain)
+    shape = torch.where(measured, 1.0 / gain.nan_to_num(1.0).clamp_min(1e-12), torch.zeros_like(gain))
     return _scaled(shape, mean, cap)
 
 

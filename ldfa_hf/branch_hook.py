@@ -94,6 +94,7 @@ class BranchHook:
         self.stats: dict[str, Tensor] = {}  # this step's sums: out² and in² (and the bridge's moments)
         self._g_out: Optional[Tensor] = None
         self._x: Optional[Tensor] = None
+        self._tapped_in = False           # this forward's input tap is in place (else: out alone)
         self._handles = []
         self.backward_runs = 0            # backwards through this branch since attach (exact mode)
 
@@ -117,15 +118,17 @@ class BranchHook:
     def pre_forward(self, module, args, kwargs):
         if not self._active():
             return None
+        self._tapped_in = False
         x, key = _branch_input(args, kwargs)
         if x is None or not x.requires_grad:
-            return None
+            return None  # no error goes down from here (the bottom block of a frozen model)
         if self.mode != "exact":
             self._x = x  # the bridge's end; the branch itself runs forward as usual
             return None
         if not self.measure:
             return None
         tapped = _Tap.apply(x, self, "in")
+        self._tapped_in = True
         if key is None:
             return (tapped, *args[1:]), kwargs
         return args, {**kwargs, key: tapped}
@@ -136,14 +139,24 @@ class BranchHook:
         if not self._active() or not isinstance(y, Tensor) or not y.requires_grad:
             return None
         if self.mode == "exact":
-            return _with_first(output, _Tap.apply(y, self, "out")) if self.measure else None
+            if not self.measure:
+                return None
+            paired, self._tapped_in = self._tapped_in, False
+            return _with_first(output, _Tap.apply(y, self, "out" if paired else "out alone"))
         if self.mode == "bridge" and self.P is not None and x is not None:
             return _with_first(output, _Bridge.apply(y.detach(), x, self.P, self.Q))
         return _with_first(output, y.detach())
 
     # -- backward ------------------------------------------------------------------------------
     def observe(self, end: str, g: Tensor) -> None:
-        """The out tap fires first (it is later in forward); the in tap pairs with it."""
+        """The out tap fires first (it is later in forward); the in tap pairs with it. A branch whose
+        input needs no gradient sends nothing down: its gain is 0."""
+        if end == "out alone":
+            if self.switch.collecting:
+                self.backward_runs += 1
+                self._add("out2", g.float().pow(2).sum())
+                self._add("in2", g.new_zeros((), dtype=torch.float32))
+            return
         if end == "out":
             self._g_out = g
             return
@@ -190,9 +203,9 @@ def pool(hook: BranchHook, pooled: dict) -> bool:
 
 
 def gain(pooled: dict) -> float:
-    """``‖J_bᵀ δ‖ / ‖δ‖`` over the pooled exact steps (0 before the first)."""
+    """``‖J_bᵀ δ‖ / ‖δ‖`` over the pooled exact steps (NaN before the first)."""
     out2 = float(pooled.get("out2", 0.0))
-    return (float(pooled["in2"]) / out2) ** 0.5 if out2 > 0 else 0.0
+    return (float(pooled["in2"]) / out2) ** 0.5 if out2 > 0 else float("nan")
 
 
 def fit_bridge(pooled: dict, rank: int) -> Optional[tuple[Tensor, Tensor]]:

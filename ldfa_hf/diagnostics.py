@@ -59,32 +59,139 @@ def role(name: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", name)
 
 
+def _spans(values: list[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``"0-2,5"``."""
+    values, out = sorted(set(values)), []
+    for v in values:
+        if out and v == out[-1][1] + 1:
+            out[-1][1] = v
+        else:
+            out.append([v, v])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
+def group_name(names: list[str]) -> str:
+    """Names of one role with each starred index written as the indices it stands for:
+    ``model.layers.[0-9].mlp.up_proj``, ``[0,2]`` for a Sequential's layers."""
+    parts = [n.split(".") for n in names]
+    if len({len(p) for p in parts}) != 1:
+        return role(names[0])
+    out = []
+    for column in zip(*parts):
+        if len(set(column)) == 1:
+            out.append(column[0])
+        elif all(c.isdigit() for c in column):
+            out.append(f"[{_spans([int(c) for c in column])}]")
+        else:
+            out.append("*")
+    return ".".join(out)
+
+
+def _block(name: str) -> Optional[int]:
+    """The block index in a layer's name (its last number followed by more name), if any."""
+    found = re.findall(r"(?:^|\.)(\d+)\.", name)
+    return int(found[-1]) if found else None
+
+
+def _where(names: list[str]) -> str:
+    blocks = [b for b in (_block(n) for n in names) if b is not None]
+    others = [n for n in names if _block(n) is None]
+    parts = ([f"blocks {_spans(blocks)}"] if blocks else []) + others[:3] + (["..."] if len(others) > 3 else [])
+    return ", ".join(parts)
+
+
+def _branch_rates(plugin) -> dict[int, float]:
+    """id(module) → the probability that its branch skips a step, for every module in a branch."""
+    rates = {}
+    for view, hook in zip(plugin.branches.values(), plugin._branches.values()):
+        for end in (hook.branch.input_module, hook.branch.output_module):
+            for module in end.modules():
+                rates[id(module)] = view.rate
+    return rates
+
+
+def whole_model_cost(plugin, samples: Optional[int] = None) -> dict:
+    """Multiply-adds of every linear layer of the model per step (targeted by LDFA or not, LoRA's
+    adapters included), backprop vs this plugin's configuration: LDFA's layers as ``estimate_cost``
+    counts them, the exact LM head's zero rows skipped, a branch's layers scaled by the share of
+    steps it runs. Attention's core, norms and activations are not counted."""
+    from .layers import kind_of
+
+    model = plugin.model
+    views = {id(v.module): v for v in plugin.layers.values()}
+    seen = sorted(v.forward_samples for v in views.values() if v.forward_samples)
+    N = samples or (seen[len(seen) // 2] if seen else ASSUMED_SAMPLES)
+    rates = _branch_rates(plugin) if plugin.branches else {}
+    head = plugin._head
+    forward = bp = ldfa = 0.0
+    for module in model.modules():
+        kind = kind_of(module)
+        if kind is None:
+            continue
+        m, n = kind.shape(module)
+        if id(module) in views:
+            view = views[id(module)]
+            layer = LayerCost(m, n, view.rank, samples or view.forward_samples or N,
+                              view.module.weight.requires_grad, view.input_grad)
+            exact, (feedback, work) = layer.exact_backward, plugin.rule.cost(layer, plugin.config)
+            mine = feedback + work
+        else:
+            trains = bool(getattr(module.weight, "requires_grad", False))
+            exact = N * m * n * (1 + trains)
+            mine = exact
+            if head is not None and module is head.module and head.rows_seen:
+                mine = N * m * n * head.rows_kept / head.rows_seen
+        forward += N * m * n
+        bp += exact
+        ldfa += (1 - rates.get(id(module), 0.0)) * mine
+    return {"forward": forward, "backward_bp": bp, "backward_ldfa": ldfa,
+            "backward_saved": 1 - ldfa / bp if bp else 0.0,
+            "step_saved": (bp - ldfa) / (forward + bp) if bp else 0.0}
+
+
 def summary_text(plugin, samples: Optional[int] = None) -> str:
-    """One line per group of same-role, same-shape layers, the feedback parameters and the estimated
-    saving (with the rows per step it assumed), so that it reads at the size of an LLM."""
+    """What runs how (exact backprop, LDFA feedback, skipped branches), one line per group of
+    same-role, same-shape LDFA layers with the blocks they sit in, the feedback parameters, and
+    the estimated saving of the whole model's linear layers (with the rows per step it assumed)."""
     config, rule, layers = plugin.config, plugin.rule, plugin.layers
+    model = plugin.model
+    from .layers import kind_of
+
+    targeted = {id(v.module) for v in layers.values()}
+    exact = [name for name, module in model.named_modules() if kind_of(module) is not None
+             and id(module) not in targeted and "lora_" not in name]
     groups: dict[tuple, list] = {}
     for name, view in layers.items():
-        groups.setdefault((role(name), view.kind, view.shape, view.rank), []).append(view)
+        groups.setdefault((role(name), view.kind, view.shape, view.rank), []).append(name)
+    lines = [f"LDFA on {type(model).__name__}: {len(layers)} layers get rank-{config.rank} feedback "
+             f"(rule {config.rule!r}), {len(exact)} frozen or trained layers keep exact backprop"]
     schedule = rule.describe()
-    lines = [f"LDFA rule={config.rule!r} rank={config.rank} on {len(layers)} layers in {len(groups)} groups"
-             + (f" ({schedule})" if schedule else "")]
-    width = max([len(key[0]) for key in groups] + [5])
-    lines.append(f"{'count':>5}  {'layer':<{width}}  {'kind':<7} {'m x n':>13} {'rank':>5} {'feedback':>11}")
-    feedback_params = 0
-    for (name, kind, (m, n), rank), views in groups.items():
-        params = rank * (m + n) * len(views) if rule.has_factors else 0
-        feedback_params += params
-        lines.append(f"{len(views):>5}  {name:<{width}}  {kind:<7} {f'{m} x {n}':>13} {rank:>5} {params:>11,}")
-    cost = estimate_cost(plugin, samples)
-    lines.append(f"feedback parameters: {feedback_params:,}")
+    lines.append(f"  LDFA feedback:  {_where(list(layers)) or '-'}" + (f" ({schedule})" if schedule else ""))
+    if exact:
+        lines.append(f"  exact backprop: {_where(exact)}" + (" (the top two thirds: exact_top="
+                                                           f"{config.exact_top})" if config.exact_top else ""))
     head = plugin._head
     if head is not None:
         m, n = head.module.weight.shape
-        seen = (f" (last training backward: {head.rows_kept:,} of {head.rows_seen:,} rows)"
-                if head.rows_seen else "")
-        lines.append(f"{head.name} ({m} x {n}) stays exact; its backward multiplies only the rows of its "
-                     f"error that are not zero, the scored tokens{seen}")
+        seen = (f"; last training backward: {head.rows_kept:,} of {head.rows_seen:,} rows" if head.rows_seen else "")
+        lines.append(f"  {head.name} ({m} x {n}) is exact and multiplies only the non-zero rows of its error, "
+                     f"the scored tokens{seen}")
+    if plugin.branches:
+        views = list(plugin.branches.values())
+        lines.append(f"  residual branches: {len(views)} ({_where([v.name + '.' for v in views])}); each step skips "
+                     f"~{100 * config.skip_branches:.0f}% of their backward ({config.branch_allocation} rates, "
+                     f"{max(v.rate for v in views):.0%} at most)"
+                     + (f", bridged at rank {config.branch_bridge}" if config.branch_bridge else ""))
+    width = max([len(group_name(v)) for v in groups.values()] + [5])
+    lines.append(f"{'count':>5}  {'LDFA layer':<{width}}  {'kind':<7} {'m x n':>13} {'rank':>5} {'feedback':>11}")
+    feedback_params = 0
+    for (_, kind, (m, n), rank), names in groups.items():
+        params = rank * (m + n) * len(names) if rule.has_factors else 0
+        feedback_params += params
+        lines.append(f"{len(names):>5}  {group_name(names):<{width}}  {kind:<7} {f'{m} x {n}':>13} {rank:>5} {params:>11,}")
+    lines.append(f"feedback parameters: {feedback_params:,}")
+    cost = estimate_cost(plugin, samples)
+    whole = whole_model_cost(plugin, samples)
     if samples:
         rows = f"{samples:,} rows (tokens) per layer and step, as given"
     elif cost["assumed"]:
@@ -92,11 +199,12 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
                 "(pass summary(samples=...) or call it after a step)")
     else:
         rows = "the rows (tokens) each layer saw in its last training forward"
-    saved = cost["backward_saved"]
-    verdict = (f"{100 * saved:.1f}% fewer, {100 * cost['step_saved']:.1f}% of their forward+backward"
+    saved = whole["backward_saved"]
+    verdict = (f"{100 * saved:.1f}% fewer ({100 * whole['step_saved']:.1f}% of forward+backward)"
                if saved > 0 else "no saving at this size (the rule's own work outweighs it)")
-    lines.append(f"estimated backward multiply-adds in targeted layers at {rows}: {cost['backward_bp']:,} (backprop) -> "
-                 f"{cost['backward_ldfa']:,} (LDFA, rule included): {verdict}. "
+    lines.append(f"estimated backward multiply-adds of all {len(exact) + len(layers)} linear layers at {rows}: "
+                 f"{whole['backward_bp']:,.0f} (backprop) -> {whole['backward_ldfa']:,.0f} (this configuration, rule "
+                 f"included): {verdict}; in the LDFA layers alone {100 * max(cost['backward_saved'], 0):.1f}% fewer. "
                  "An upper bound on the time saved, not a wall-clock measurement.")
     return "\n".join(lines)
 

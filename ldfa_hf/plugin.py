@@ -57,7 +57,7 @@ class BranchView(NamedTuple):
     depth: int              # block index, 0 at the bottom
     mode: str               # this step's: "exact", "skip" or "bridge"
     rate: float             # its probability of skipping a step
-    gain: float             # measured ‖J_bᵀ δ‖ / ‖δ‖ (0 before it ran exact)
+    gain: float             # measured ‖J_bᵀ δ‖ / ‖δ‖ (NaN before it ran exact)
     exact_backwards: int    # backwards it ran since attach
     P: Optional[Tensor]     # the bridge, d × r (None without one, or before its first fit)
     Q: Optional[Tensor]
@@ -314,9 +314,7 @@ class LDFAPlugin:
         if how == "depth":
             return allocation.depth_rates(torch.tensor([h.depth for h in hooks]), mean)
         gains = torch.tensor([gain(self._pooled[h.name]) for h in hooks], dtype=torch.float64)
-        if not bool((gains > 0).all()):
-            return torch.zeros(len(hooks), dtype=torch.float64)  # every branch runs exact until measured
-        return allocation.sensitivity_rates(gains, mean)
+        return allocation.sensitivity_rates(gains, mean)  # a branch not measured yet runs exact
 
     def _draw_branches(self) -> None:
         """This step's mode of every branch: a function of the seed, the step and the pooled
@@ -451,18 +449,23 @@ class LDFAPlugin:
         layer and step; by default those of the last training forward."""
         return diagnostics.estimate_cost(self, samples)
 
-    def summary(self, print_fn: Optional[Callable[[str], Any]] = print, samples: Optional[int] = None) -> str:
-        """Print (and return) one line per group of same-role, same-shape layers, the feedback
-        parameters and the estimated saving at ``samples`` rows (tokens) per step (by default
-        those of the last training forward; assumed, and said so, before the first one).
+    def summary(self, print_fn: Optional[Callable[[str], Any]] = print,
+                samples: Optional[int] = None) -> Optional[str]:
+        """What runs exactly and what gets feedback (by block), one line per group of same-role,
+        same-shape LDFA layers, the feedback parameters, and the estimated saving of the whole
+        model's linear layers at ``samples`` rows (tokens) per step (by default those of the last
+        training forward; assumed, and said so, before the first one). Printed with ``print_fn``
+        (then nothing is returned, so a REPL shows it once), or returned with ``print_fn=None``.
 
         Example:
             >>> plugin.summary(samples=8 * 128)   # 8 sequences of 128 tokens per step
+            >>> text = plugin.summary(print_fn=None)
         """
         text = diagnostics.summary_text(self, samples)
-        if print_fn is not None:
-            print_fn(text)
-        return text
+        if print_fn is None:
+            return text
+        print_fn(text)
+        return None
 
     def stats(self, batch: Any = None, loss_fn: Optional[Callable[[Any], Tensor]] = None) -> dict:
         """Per-layer diagnostics: relative feedback error ‖PQ − W‖/‖W‖, skipped updates and,

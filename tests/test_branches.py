@@ -126,7 +126,7 @@ def test_exact_branches_with_taps_give_autograd_gradients():
     expected, got = grads(reference), grads(model)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
-    assert all(b.exact_backwards == 1 and b.gain == 0 for b in plugin.branches.values())  # pooled at step()
+    assert all(b.exact_backwards == 1 and b.gain != b.gain for b in plugin.branches.values())  # NaN: pooled at step()
     plugin.step()
     assert all(b.gain > 0 for b in plugin.branches.values())
 
@@ -206,8 +206,10 @@ def test_rates_average_the_share_and_respect_the_cap():
     depth = allocation.depth_rates(torch.arange(6), 0.3)
     assert abs(float(depth.mean()) - 0.3) < 1e-6 and float(depth[-1]) == 0.0
     assert torch.equal(allocation.uniform_rates(4, 0.25), torch.full((4,), 0.25, dtype=torch.float64))
-    unmeasured = allocation.sensitivity_rates(torch.tensor([1.0, 0.0, 0.5]), 0.3)
+    unmeasured = allocation.sensitivity_rates(torch.tensor([1.0, float("nan"), 0.5]), 0.3)
     assert float(unmeasured[1]) == 0.0 and abs(float(unmeasured.mean()) - 0.3) < 1e-6
+    silent = allocation.sensitivity_rates(torch.tensor([1.0, 0.0, 0.5]), 0.3)  # sends nothing down: skipped most
+    assert float(silent[1]) == allocation.MAX_SKIP
 
 
 def test_draw_hits_each_rate_with_a_steady_count_and_repeats_for_the_same_step():
@@ -261,3 +263,16 @@ def test_detach_leaves_nothing_and_eval_forward_is_untouched():
     assert no_hooks_left(model)
     model(**batch()).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_bottom_branch_of_a_lora_model_is_measured_and_skips_most():
+    """Under LoRA the embeddings are frozen, so the bottom attention branch's input needs no
+    gradient: it sends nothing down (gain 0) and is skipped at the cap once measured."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(3), LoraConfig(r=2, target_modules="all-linear"))
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="bp", skip_branches=0.3))
+    _train(model, plugin, 1)
+    views = list(plugin.branches.values())
+    assert views[0].gain == 0 and all(v.gain > 0 for v in views[1:])
+    assert views[0].rate == allocation.MAX_SKIP and abs(sum(v.rate for v in views) / len(views) - 0.3) < 1e-6
