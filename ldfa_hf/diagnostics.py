@@ -204,8 +204,9 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
                if saved > 0 else "no saving at this size (the rule's own work outweighs it)")
     lines.append(f"estimated backward multiply-adds of all {len(exact) + len(layers)} linear layers at {rows}: "
                  f"{whole['backward_bp']:,.0f} (backprop) -> {whole['backward_ldfa']:,.0f} (this configuration, rule "
-                 f"included): {verdict}; in the LDFA layers alone {100 * max(cost['backward_saved'], 0):.1f}% fewer. "
-                 "An upper bound on the time saved, not a wall-clock measurement.")
+                 f"included): {verdict}"
+                 + (f"; in the LDFA layers alone {100 * cost['backward_saved']:.1f}% fewer" if cost["backward_saved"] > 0
+                    else "") + ". An upper bound on the time saved, not a wall-clock measurement.")
     return "\n".join(lines)
 
 

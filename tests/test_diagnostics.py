@@ -17,10 +17,11 @@ def test_summary_lists_layers_ranks_and_saving():
     plugin = ldfa_hf.wrap(model, LDFAConfig(rank=8))
     model(torch.randn(64, 256)).sum().backward()
     lines = []
-    text = plugin.summary(print_fn=lines.append)
+    assert plugin.summary(print_fn=lines.append) is None  # printed once, not echoed again by a REPL
+    text = plugin.summary(print_fn=None)
     assert lines == [text]
     rows = [line.split()[:4] for line in text.splitlines()]
-    assert ["2", "*", "linear", "256"] in rows and ["1", "*", "linear", "10"] in rows  # grouped by role and shape
+    assert ["2", "[0,2]", "linear", "256"] in rows and ["1", "4", "linear", "10"] in rows  # by role and shape
     assert "feedback parameters: 10,320" in text  # 8·512 + 8·512 + 8·266
     cost = plugin.cost()
     N, mn = 64, 256 * 256
@@ -94,7 +95,7 @@ def test_dfa_diagnostics():
     plugin = ldfa_hf.wrap(model, LDFAConfig(rule="dfa"))
     stats = plugin.stats(batch)
     assert math.isnan(stats["mean_feedback_error"]) and stats["mean_angle"] > 10
-    assert "on 15 layers" in plugin.summary(print_fn=None)
+    assert "15 layers get rank-16 feedback (rule 'dfa')" in plugin.summary(print_fn=None)
 
 
 @pytest.mark.filterwarnings("ignore:LDFA rule='svd' on a model whose targeted weights:ldfa_hf.LDFAWarning")

@@ -52,8 +52,10 @@ def test_summary_groups_same_role_layers_and_says_what_it_assumed():
     text = plugin.summary(print_fn=None)
     lines = text.splitlines()
     assert len(lines) < 15  # one line per role, not per layer
-    assert any(line.split()[:2] == [str(sum(1 for n in plugin.targets if n.endswith("mlp.up_proj"))),
-                                    "model.layers.*.mlp.up_proj"] for line in lines)
+    assert any(line.split()[:2] == ["2", "model.layers.[0-1].mlp.up_proj"] for line in lines)
+    # what runs how, by block: the exact top two thirds and the head, LDFA below them
+    assert "LDFA feedback:  blocks 0-1 (" in text and "exact backprop: blocks 2-5, lm_head" in text
+    assert "of all 43 linear layers" in text  # the saving is the whole model's, not the LDFA layers' alone
     import re
 
     assert "assumed" in text and "upper bound" in text and float(re.search(r"(-?[\d.]+)% fewer", text).group(1)) > 0

@@ -65,7 +65,7 @@ def test_an_exact_frozen_head_skips_the_zero_rows_and_the_gradients_stay_exact()
     for name in got:
         torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
     assert (head.rows_seen, head.rows_kept) == (36, 9)  # 3 scored tokens of 12 (the last one predicts nothing)
-    assert "multiplies only the rows of its error that are not zero" in plugin.summary(print_fn=None)
+    assert "multiplies only the non-zero rows of its error" in plugin.summary(print_fn=None)
 
 
 def test_for_finetuning_keeps_the_head_exact_and_skipping_rows():
