@@ -30,9 +30,14 @@ def out_path(given: str | None, filename: str, tiny: bool) -> str:
     if given:
         return given
     if tiny:
+        import atexit
+        import shutil
         import tempfile
 
-        return os.path.join(tempfile.mkdtemp(prefix="ldfa_tiny_"), filename)
+        folder = tempfile.mkdtemp(prefix="ldfa_tiny_")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        print(f"--tiny: writing to {folder} (removed when this program exits; --out PATH keeps the results)")
+        return os.path.join(folder, filename)
     return os.path.join(RESULTS, filename)
 # "bp" here is the model as it is (plain autograd); every other name is an LDFAConfig.rule
 LABELS = {"bp": "backprop", **{name: rule.label for name, rule in RULES.items() if name != "bp"}}

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 import torch
 from transformers import TrainerCallback
 
-from .config import LDFAWarning
+from .warning import LDFAWarning
 from .plugin import STATE_NAME, LDFAPlugin
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from . import rules
+from .warning import LDFAWarning
 
 CONFIG_NAME = "ldfa_config.json"
 AUTO_REFRESH_FALLBACK = 500  # refresh_every="auto" when the epoch length is unknown
@@ -32,9 +33,6 @@ RULE_SETTINGS = ("refit_every", "calibrate_every", "feedback_lr", "feedback_weig
 # ``sampled`` feedback matched backprop where ``calibrated``'s biased one lost 6-8 points; MiniLM checked (section e)
 FINETUNING: dict = {"rule": "sampled", "rank": 32, "exact_top": 0.67}
 
-
-class LDFAWarning(UserWarning):
-    """Everything ``ldfa_hf`` warns about (filter it with ``warnings.simplefilter(..., LDFAWarning)``)."""
 
 
 

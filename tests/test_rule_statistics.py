@@ -89,7 +89,7 @@ def test_calibration_sketch_is_of_the_exact_input_gradients(kind):
     plugin = ldfa_hf.wrap(module, LDFAConfig(rule="calibrated", rank=2))
     x, delta, view = backward_with_random_error(plugin, module, x)
     d = exact_input_rows(module, x, delta)
-    omega = plugin.rule.omega(plugin._hooks[""], d.device)
+    omega = plugin.rule.test_matrix("", view.shape, view.rank, d.device)
     assert torch.allclose(view.statistics["sketch"], d.T @ (d @ omega), rtol=1e-4, atol=1e-4)
     if kind != "conv2d":  # the calibration step sends backprop's own input gradient down
         assert torch.allclose(x.grad.reshape(-1, x.shape[-1]), d, atol=1e-5)
@@ -106,7 +106,7 @@ def test_streaming_sketches_the_exact_gradients_of_the_largest_errors(kind):
     g = rows(delta, kind == "conv2d")
     pick = g.square().sum(1).topk(4).indices
     d = d_all[pick]
-    omega = plugin.rule.omega(plugin._hooks[""], d.device)
+    omega = plugin.rule.test_matrix("", view.shape, view.rank, d.device)
     assert view.pending_samples == 4
     assert torch.allclose(view.statistics["sketch"], d.T @ (d @ omega), rtol=1e-4, atol=1e-4)
     # the rows do not leak into what is sent down: that is (δ P) Q

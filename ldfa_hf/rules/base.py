@@ -46,6 +46,7 @@ from torch import Tensor
 
 from ..cost import LayerCost
 from ..linalg import random_factors
+from ..warning import LDFAWarning
 
 
 class Rule:
@@ -196,7 +197,6 @@ class Rule:
         """Count a skipped update; warn the first time only."""
         layer.skipped += 1
         if not self._warned_nonfinite:
-            from ..config import LDFAWarning
 
             warnings.warn(
                 f"LDFA: non-finite feedback statistics in {layer.name!r}; its update was skipped "

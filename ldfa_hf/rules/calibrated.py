@@ -11,6 +11,7 @@ from torch import Tensor
 from .. import distributed
 from ..linalg import factor_generator, top_subspace, truncated_svd
 from .base import Rule
+from ..warning import LDFAWarning
 
 
 class Calibrated(Rule):
@@ -104,15 +105,17 @@ class Calibrated(Rule):
         step = self.omega_step()
         cached = layer.state.get("omega")
         if cached is None or cached[0] != step or cached[1].device != device:
-            dim = self.sketch_dim(*layer.shape)
-            k = self.sketch_size(dim, layer.rank)
-            if k >= dim:
-                omega = torch.eye(dim)
-            else:
-                gen = factor_generator(self.config.seed, layer.name, step)
-                omega = torch.linalg.qr(torch.randn(dim, k, generator=gen)).Q
-            layer.state["omega"] = cached = (step, omega.to(device))
+            layer.state["omega"] = cached = (step, self.test_matrix(layer.name, layer.shape, layer.rank, device))
         return cached[1]
+
+    def test_matrix(self, name: str, shape: tuple, rank: int, device: torch.device) -> Tensor:
+        """Ω for the layer called ``name`` at this step (uncached): seeded by name and step alone."""
+        dim = self.sketch_dim(*shape)
+        k = self.sketch_size(dim, rank)
+        if k >= dim:
+            return torch.eye(dim, device=device)
+        gen = factor_generator(self.config.seed, name, self.omega_step())
+        return torch.linalg.qr(torch.randn(dim, k, generator=gen)).Q.to(device)
 
     def omega_step(self) -> int:
         """The step whose seed draws Ω: this one, or step 0 for good when sketches are pooled."""
@@ -125,7 +128,6 @@ class Calibrated(Rule):
         layers = [layer for layer in layers if layer.P is not None]
         eval_mode = all(layer.eval_forward for layer in layers)  # the plugin warns about that itself
         if layers and not eval_mode and not any(layer.backward_seen for layer in layers):
-            from ..config import LDFAWarning
 
             warnings.warn("LDFA calibrated: plugin.step() was called with no backward since the last step, so this "
                           "calibration step saw no gradients (call it once per optimizer step, after backward)",

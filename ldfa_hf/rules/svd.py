@@ -10,6 +10,7 @@ from torch import Tensor
 from .. import distributed
 from ..linalg import canonical_signs, svd_factors
 from .base import Rule
+from ..warning import LDFAWarning
 
 
 class SVD(Rule):
@@ -50,7 +51,6 @@ class SVD(Rule):
         super().attach(layers)
         frozen = sum(not layer.weight_trains for layer in layers)
         if layers and frozen * 2 >= len(layers):
-            from ..config import LDFAWarning
 
             warnings.warn(
                 f"LDFA rule='svd' on a model whose targeted weights are mostly frozen ({frozen} of {len(layers)}: "
