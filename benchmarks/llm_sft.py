@@ -372,6 +372,32 @@ def pareto_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def time_to_quality(curve: list[dict], results: list[dict]) -> str:
+    """Markdown: per lockstep run, the step at which the method's held-out loss first reached plain
+    LoRA's final one (curve points only), and the time-to-quality speed-up that makes with the
+    run's own step-time ratio: ``(plain LoRA's steps × its step time) / (the method's steps × its
+    step time)``. Steps do not depend on the machine's load and the ratio was measured side by
+    side, so runs made at different times compare."""
+    points: dict[tuple, list] = {}
+    for r in curve:
+        points.setdefault((r["task"], r["peft"], r["method"], str(r["seed"])), []).append(
+            (int(r["step"]), float(r["eval_loss"])))
+    lines = ["| task | fine-tuning | method | seed | plain LoRA's final held-out loss (step) | method reaches it at step | "
+             "step speed-up | time-to-quality speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for row in results:
+        key = (row["task"], row["peft"], row["method"], str(row["seed"]))
+        bp, mine = sorted(points.get((key[0], key[1], "backprop", key[3]), [])), sorted(points.get(key, []))
+        if not bp or not mine:
+            continue
+        last, target = bp[-1]
+        reached = next((step for step, loss in mine if loss <= target), None)
+        speed = float(row["speedup"])
+        ttq = f"{last / reached * speed:.2f}×" if reached else f"not reached (final {mine[-1][1]:.4f})"
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {target:.4f} ({last}) | {reached or '-'} | "
+                     f"{speed:.2f}× | {ttq} |")
+    return "\n".join(lines)
+
+
 def plot_time_to_quality(rows: list[dict], path: str) -> str:
     """Held-out loss against each model's own training clock (seconds of steps, evaluation excluded),
     one panel per task and fine-tuning kind, one line per method and seed."""
@@ -431,6 +457,7 @@ def main(argv=None) -> None:
                                                           "bp_eval_loss", "speedup")), flush=True)
     print(pareto_table(table.rows))
     if curves.rows:
+        print(time_to_quality(curves.rows, table.rows))
         print("plot:", plot_time_to_quality(curves.rows, curve_path.replace(".csv", ".png")))
     print(f"results: {args.out}")
 

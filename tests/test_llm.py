@@ -128,3 +128,16 @@ def test_llm_gradients_tiny_bp_is_exact_and_ldfa_is_not():
     rows = {r["method"]: r for r in llm_gradients.main(["--tiny", "--methods", "bp", "fixed r2"])}
     assert float(rows["bp"]["cos_all"]) == pytest.approx(1.0, abs=1e-4)
     assert float(rows["fixed r2"]["cos_all"]) < 0.99
+
+
+def test_time_to_quality_counts_steps_to_plain_loras_final_loss_times_the_step_ratio():
+    from benchmarks.llm_sft import time_to_quality
+
+    curve = [{"task": "arith", "peft": "lora", "method": m, "seed": 0, "step": step, "eval_loss": loss}
+             for m, losses in (("backprop", [1.0, 0.5, 0.3]), ("fast", [0.9, 0.3, 0.2]), ("bad", [1.0, 0.8, 0.6]))
+             for step, loss in zip((20, 40, 60), losses)]
+    results = [{"task": "arith", "peft": "lora", "method": m, "seed": 0, "speedup": s} for m, s in (("fast", "1.2"),
+                                                                                                  ("bad", "1.5"))]
+    table = time_to_quality(curve, results).splitlines()
+    assert table[2].endswith("| 0.3000 (60) | 40 | 1.20× | 1.80× |")  # 60/40 steps × 1.2
+    assert "not reached (final 0.6000)" in table[3]
