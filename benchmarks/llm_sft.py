@@ -243,6 +243,8 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             settings["skip_branches"] = float(word[4:])
         elif word.startswith("bridge") and word[6:].isdigit():  # bridge32: skipped branches bridged at rank 32
             settings["branch_bridge"] = int(word[6:])
+        elif word == "tail":  # a skipped branch's output projection still learns
+            settings["branch_tail"] = True
         elif word in ("uniform", "depth", "sensitivity"):  # how the branch rates are allocated
             settings["branch_allocation"] = word
         elif word.startswith("decay"):

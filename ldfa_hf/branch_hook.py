@@ -10,6 +10,10 @@ a branch's two end modules (``branches.py``). Its ``mode`` for the step is:
   and nothing of the branch (attention core, norm, adapters) runs backward;
 - ``"bridge"``: skipped, but the input still receives ``(δ P) Q``, a rank-r linear map fitted
   from the exact steps' (output error, input error) pairs: ``N·r·2d`` instead of the branch.
+
+With ``tail``, a skipped (or bridged) branch's output projection still learns: the projection's
+input is detached instead of the branch's output, so its adapters see the branch's output error
+and nothing below them runs backward.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ class _Bridge(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         P, Q = ctx.saved_tensors
         gx = (g.to(P.dtype) @ P) @ Q
-        return None, gx.to(ctx.x_dtype), None, None
+        # with a learning tail the output is not detached: the error also goes on into the tail
+        return (g if ctx.needs_input_grad[0] else None), gx.to(ctx.x_dtype), None, None
 
 
 def _branch_input(args: tuple, kwargs: dict) -> tuple[Optional[Tensor], Optional[str]]:
@@ -81,13 +86,14 @@ class BranchHook:
     error gain (sensitivity) and, with a bridge, its fitted factors and their statistics."""
 
     def __init__(self, branch: Branch, switch: Switch, bridge_rank: Optional[int] = None,
-                 bridge_rows: int = 256) -> None:
+                 bridge_rows: int = 256, tail: bool = False) -> None:
         self.branch = branch
         self.name, self.role, self.depth = branch.name, branch.role, branch.depth
         self.switch = switch
         self.mode = "exact"
         self.measure = True               # exact steps tap the errors (sensitivity, bridge fit)
         self.bridge_rank = bridge_rank
+        self.tail = tail                  # a skipped branch's output projection still learns
         self.bridge_rows = bridge_rows    # rows (tokens) per backward that feed the bridge's fit
         self.P: Optional[Tensor] = None   # d × r
         self.Q: Optional[Tensor] = None   # r × d
@@ -104,6 +110,9 @@ class BranchHook:
             self.branch.input_module.register_forward_pre_hook(_Registered(self, "pre_forward"), with_kwargs=True),
             self.branch.output_module.register_forward_hook(_Registered(self, "post_forward"), with_kwargs=True),
         ]
+        if self.tail:
+            self._handles.append(self.branch.tail_module.register_forward_pre_hook(
+                _Registered(self, "tail_forward"), with_kwargs=True, prepend=True))
         return self
 
     def remove(self) -> None:
@@ -133,6 +142,17 @@ class BranchHook:
             return (tapped, *args[1:]), kwargs
         return args, {**kwargs, key: tapped}
 
+    def tail_forward(self, module, args, kwargs):
+        """A skipped branch with a learning tail: the output projection gets a detached input."""
+        if self.mode == "exact" or not self._active():
+            return None
+        x, key = _branch_input(args, kwargs)
+        if x is None:
+            return None
+        if key is None:
+            return (x.detach(), *args[1:]), kwargs
+        return args, {**kwargs, key: x.detach()}
+
     def post_forward(self, module, args, kwargs, output):
         x, self._x = self._x, None
         y = _first(output)
@@ -143,9 +163,10 @@ class BranchHook:
                 return None
             paired, self._tapped_in = self._tapped_in, False
             return _with_first(output, _Tap.apply(y, self, "out" if paired else "out alone"))
+        kept = y if self.tail else y.detach()  # a learning tail keeps the error path into itself
         if self.mode == "bridge" and self.P is not None and x is not None:
-            return _with_first(output, _Bridge.apply(y.detach(), x, self.P, self.Q))
-        return _with_first(output, y.detach())
+            return _with_first(output, _Bridge.apply(kept, x, self.P, self.Q))
+        return None if self.tail else _with_first(output, kept)
 
     # -- backward ------------------------------------------------------------------------------
     def observe(self, end: str, g: Tensor) -> None:

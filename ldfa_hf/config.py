@@ -69,8 +69,8 @@ def _check_rate(name: str, value: Any) -> None:
 def _check_branch_map(value: Any) -> None:
     if value is None:
         return
-    example = ("{'blocks': r'layers\\.\\d+', 'branches': {'attention': ['input_layernorm', 'self_attn'], "
-               "'mlp': ['post_attention_layernorm', 'mlp']}}")
+    example = ("{'blocks': r'layers\\.\\d+', 'branches': {'attention': ['input_layernorm', 'self_attn', "
+               "'self_attn.o_proj'], 'mlp': ['post_attention_layernorm', 'mlp', 'mlp.down_proj']}}")
     if not isinstance(value, dict) or set(value) != {"blocks", "branches"} or not isinstance(value["blocks"], str) \
             or not isinstance(value["branches"], dict) or not value["branches"]:
         raise ValueError(f"branch_map must look like {example}; got {value!r}")
@@ -79,10 +79,10 @@ def _check_branch_map(value: Any) -> None:
     except re.error as err:
         raise ValueError(f"branch_map['blocks']={value['blocks']!r} is not a valid regular expression: {err}") from None
     for role, ends in value["branches"].items():
-        if not isinstance(role, str) or not isinstance(ends, (list, tuple)) or len(ends) != 2 \
+        if not isinstance(role, str) or not isinstance(ends, (list, tuple)) or len(ends) not in (2, 3) \
                 or not all(isinstance(e, str) and e for e in ends):
-            raise ValueError(f"branch_map['branches'][{role!r}] must be [input module, output module] "
-                             f"(names inside the block); got {ends!r}")
+            raise ValueError(f"branch_map['branches'][{role!r}] must be [input module, output module] or "
+                             f"[input, output, output projection] (names inside the block); got {ends!r}")
 
 
 @dataclass
@@ -131,13 +131,17 @@ class LDFAConfig:
             0 (default) skips nothing.
         branch_bridge: with ``skip_branches``, a skipped branch still sends its input a rank-r error
             ``(δ P) Q`` fitted from the steps it ran exact; 0 (default) sends nothing.
+        branch_tail: a skipped branch's output projection (``o_proj``, ``down_proj``) still learns from
+            the branch's output error: only its input side skips the backward (its adapters' gradient
+            costs ``N·r·(m+n)``).
         branch_allocation: how the per-branch rates are set: ``"sensitivity"`` (default; branches
             that add little error to the stream skip more), ``"depth"`` (falling linearly to 0 at the
             top block) or ``"uniform"`` (DropBP's plain form).
         branch_map: where the branches are, for a model family ``ldfa_hf.branches.BRANCH_MAPPINGS``
             lacks: ``{"blocks": r"layers\.\d+", "branches": {"attention": ["input_layernorm",
-            "self_attn"], "mlp": ["post_attention_layernorm", "mlp"]}}`` (each branch: the module whose
-            input is the branch's input, the one whose output the block adds to the stream).
+            "self_attn", "self_attn.o_proj"], "mlp": ["post_attention_layernorm", "mlp", "mlp.down_proj"]}}``
+            (each branch: the module whose input is the branch's input, the one whose output the block
+            adds to the stream, and optionally its output projection; names inside the block).
         rule_options: settings of the chosen rule itself (``Rule.options``), checked by the rule,
             e.g. ``{"subspace": "output"}`` for ``calibrated``; saved with the plugin.
 
@@ -166,6 +170,7 @@ class LDFAConfig:
     skip_branches: float = 0.0
     branch_bridge: int = 0
     branch_allocation: BranchAllocation = "sensitivity"
+    branch_tail: bool = False
     branch_map: Optional[dict] = None
 
     def __post_init__(self) -> None:
@@ -217,6 +222,8 @@ class LDFAConfig:
             raise ValueError(f"skip_branches must be a share 0 <= s < 1 of the residual branches; got {self.skip_branches!r}")
         if not _is_int(self.branch_bridge) or self.branch_bridge < 0:
             raise ValueError(f"branch_bridge must be an int >= 0 (the bridge's rank; 0: none); got {self.branch_bridge!r}")
+        if not isinstance(self.branch_tail, bool):
+            raise ValueError(f"branch_tail must be a bool; got {self.branch_tail!r}")
         if self.branch_allocation not in ("sensitivity", "depth", "uniform"):
             raise ValueError(f"branch_allocation must be 'sensitivity', 'depth' or 'uniform'; got {self.branch_allocation!r}")
         _check_branch_map(self.branch_map)

@@ -166,7 +166,8 @@ class LDFAPlugin:
         measure = self.config.branch_allocation == "sensitivity" or self.config.branch_bridge > 0
         hooks = {}
         for branch in find_branches(model, self.config.branch_map):
-            hook = BranchHook(branch, self.switch, bridge_rank=self.config.branch_bridge or None)
+            hook = BranchHook(branch, self.switch, bridge_rank=self.config.branch_bridge or None,
+                              tail=self.config.branch_tail)
             hook.measure = measure
             hooks[branch.name] = hook
         return hooks

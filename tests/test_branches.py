@@ -276,3 +276,31 @@ def test_bottom_branch_of_a_lora_model_is_measured_and_skips_most():
     views = list(plugin.branches.values())
     assert views[0].gain == 0 and all(v.gain > 0 for v in views[1:])
     assert views[0].rate == allocation.MAX_SKIP and abs(sum(v.rate for v in views) / len(views) - 0.3) < 1e-6
+
+
+def test_a_learning_tail_trains_the_output_projection_of_a_skipped_branch():
+    """branch_tail: the skipped MLP's down_proj adapters get exactly the gradient they would get with
+    their input detached by hand; gate/up get none, and nothing goes below the branch."""
+    from peft import LoraConfig, get_peft_model
+
+    def lora(seed):
+        model = get_peft_model(tiny_llama(2), LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+        return model
+
+    reference, model = lora(0), lora(0)
+    model.load_state_dict(reference.state_dict())
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="bp", skip_branches=0.5, branch_tail=True))
+    _force(plugin, ["exact", "skip", "exact", "exact"])
+    down = reference.base_model.model.model.layers[0].mlp.down_proj
+    down.register_forward_pre_hook(lambda m, a: (a[0].detach(),))
+    reference(**batch()).loss.backward()
+    model(**batch()).loss.backward()
+    expected, got = grads(reference), grads(model)
+    for name in expected:
+        if expected[name] is None:
+            assert got[name] is None, name
+        else:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert mlp.down_proj.lora_B.default.weight.grad is not None
+    assert mlp.up_proj.lora_A.default.weight.grad is None
