@@ -245,6 +245,8 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             settings["branch_bridge"] = int(word[6:])
         elif word == "tail":  # a skipped branch's output projection still learns
             settings["branch_tail"] = True
+        elif word == "unbiased":  # an exact branch sends 1/(1-p) of its input error
+            settings["branch_unbiased"] = True
         elif word in ("uniform", "depth", "sensitivity"):  # how the branch rates are allocated
             settings["branch_allocation"] = word
         elif word.startswith("decay"):

@@ -59,13 +59,17 @@ def _scaled(shape: Tensor, mean: float, cap: float) -> Tensor:
     return (hi * shape).clamp(max=cap)
 
 
-def draw(rates: Tensor, seed: int, step: int) -> Tensor:
-    """A bool mask, True = skip this step: branch b with probability ``rates[b]``, a near-constant
-    count per step, the same on every process for the same (seed, step)."""
+def draw(rates: Tensor, seed: int, step: int, independent: bool = False) -> Tensor:
+    """A bool mask, True = skip this step: branch b with probability ``rates[b]``, the same on every
+    process for the same (seed, step). Systematic (a near-constant count per step), or
+    ``independent`` (one coin per branch: what an unbiased product of branches needs, since the
+    error below two branches multiplies their two coins)."""
     n = rates.numel()
     if n == 0 or float(rates.sum()) == 0:
         return torch.zeros(n, dtype=torch.bool)
     generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+    if independent:
+        return torch.rand(n, generator=generator, dtype=torch.float64) < rates.double()
     order = torch.randperm(n, generator=generator)
     offset = float(torch.rand((), generator=generator, dtype=torch.float64))
     ends = torch.cumsum(rates.double()[order], 0)

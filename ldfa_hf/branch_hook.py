@@ -41,8 +41,9 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor):
-        ctx.hook.observe(ctx.end, g)
-        return g, None, None
+        hook = ctx.hook
+        hook.observe(ctx.end, g)
+        return (g * hook.scale if ctx.end == "in" and hook.scale != 1.0 else g), None, None
 
 
 class _Bridge(torch.autograd.Function):
@@ -92,6 +93,7 @@ class BranchHook:
         self.switch = switch
         self.mode = "exact"
         self.measure = True               # exact steps tap the errors (sensitivity, bridge fit)
+        self.scale = 1.0                  # what an exact step multiplies the branch's input error by
         self.bridge_rank = bridge_rank
         self.tail = tail                  # a skipped branch's output projection still learns
         self.bridge_rows = bridge_rows    # rows (tokens) per backward that feed the bridge's fit
@@ -134,7 +136,7 @@ class BranchHook:
         if self.mode != "exact":
             self._x = x  # the bridge's end; the branch itself runs forward as usual
             return None
-        if not self.measure:
+        if not self.measure and self.scale == 1.0:
             return None
         tapped = _Tap.apply(x, self, "in")
         self._tapped_in = True
@@ -159,7 +161,7 @@ class BranchHook:
         if not self._active() or not isinstance(y, Tensor) or not y.requires_grad:
             return None
         if self.mode == "exact":
-            if not self.measure:
+            if not self.measure and not self._tapped_in:
                 return None
             paired, self._tapped_in = self._tapped_in, False
             return _with_first(output, _Tap.apply(y, self, "out" if paired else "out alone"))

@@ -134,6 +134,9 @@ class LDFAConfig:
         branch_tail: a skipped branch's output projection (``o_proj``, ``down_proj``) still learns from
             the branch's output error: only its input side skips the backward (its adapters' gradient
             costs ``N·r·(m+n)``).
+        branch_unbiased: a branch that runs exact sends its input ``1 / (1 − p_b)`` times its error, so
+            that over the draws the error below it is backprop's (unbiased, with more variance); the
+            branches then draw independently, so the number skipped varies from step to step.
         branch_allocation: how the per-branch rates are set: ``"sensitivity"`` (default; branches
             that add little error to the stream skip more), ``"depth"`` (falling linearly to 0 at the
             top block) or ``"uniform"`` (DropBP's plain form).
@@ -171,6 +174,7 @@ class LDFAConfig:
     branch_bridge: int = 0
     branch_allocation: BranchAllocation = "sensitivity"
     branch_tail: bool = False
+    branch_unbiased: bool = False
     branch_map: Optional[dict] = None
 
     def __post_init__(self) -> None:
@@ -222,6 +226,8 @@ class LDFAConfig:
             raise ValueError(f"skip_branches must be a share 0 <= s < 1 of the residual branches; got {self.skip_branches!r}")
         if not _is_int(self.branch_bridge) or self.branch_bridge < 0:
             raise ValueError(f"branch_bridge must be an int >= 0 (the bridge's rank; 0: none); got {self.branch_bridge!r}")
+        if not isinstance(self.branch_unbiased, bool):
+            raise ValueError(f"branch_unbiased must be a bool; got {self.branch_unbiased!r}")
         if not isinstance(self.branch_tail, bool):
             raise ValueError(f"branch_tail must be a bool; got {self.branch_tail!r}")
         if self.branch_allocation not in ("sensitivity", "depth", "uniform"):

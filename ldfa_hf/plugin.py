@@ -323,9 +323,11 @@ class LDFAPlugin:
         if not self._branches:
             return
         self._rates = self.branch_rates()
-        skip = allocation.draw(self._rates, self.config.seed, self.num_steps)
-        for hook, skipped in zip(self._branches.values(), skip.tolist()):
+        skip = allocation.draw(self._rates, self.config.seed, self.num_steps, independent=self.config.branch_unbiased)
+        unbiased = self.config.branch_unbiased
+        for hook, skipped, rate in zip(self._branches.values(), skip.tolist(), self._rates.tolist()):
             hook.mode = "exact" if not skipped else ("bridge" if hook.P is not None else "skip")
+            hook.scale = 1.0 / (1.0 - rate) if unbiased and not skipped else 1.0
 
     def _average_branch_statistics(self) -> None:
         if distributed.world_size() == 1:

@@ -304,3 +304,30 @@ def test_a_learning_tail_trains_the_output_projection_of_a_skipped_branch():
     mlp = model.base_model.model.model.layers[0].mlp
     assert mlp.down_proj.lora_B.default.weight.grad is not None
     assert mlp.up_proj.lora_A.default.weight.grad is None
+
+
+def test_unbiased_branches_average_to_backprops_input_error():
+    """branch_unbiased: over the draws, the error reaching the embeddings' output equals autograd's
+    (an exact branch sends 1/(1-p) of its input error, a skipped one none)."""
+    reference, model = tiny_llama(2), tiny_llama(2)
+    emb_ref, emb = reference.model.embed_tokens, model.model.embed_tokens
+    for e in (emb_ref, emb):
+        e.register_forward_hook(lambda m, a, out: out.retain_grad() or out)
+    captured = {}
+    emb.register_forward_hook(lambda m, a, out: captured.__setitem__("x", out))
+    emb_ref.register_forward_hook(lambda m, a, out: captured.__setitem__("ref", out))
+    reference(**batch()).loss.backward()
+    target = captured["ref"].grad.clone()
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="bp", skip_branches=0.5, branch_allocation="uniform",
+                                            branch_unbiased=True))
+    total, draws = torch.zeros_like(target), 400
+    for step in range(draws):
+        plugin.num_steps = step
+        plugin._schedule()
+        model.zero_grad(set_to_none=True)
+        model(**batch()).loss.backward()
+        total += captured["x"].grad
+    one = captured["x"].grad
+    mean = total / draws
+    assert (mean - target).norm() / target.norm() < 0.1
+    assert (one - target).norm() / target.norm() > 0.1  # a single draw is not backprop's
