@@ -45,6 +45,7 @@ from .harness import ResultTable, out_path
 
 FIELDS = ["task", "peft", "method", "seed", "steps", "tokens_per_step", "exact_match", "eval_loss",
           "bp_exact_match", "bp_eval_loss", "step_s", "bp_step_s", "speedup"]
+BRANCH_FIELDS = ["task", "peft", "method", "seed", "branch", "role", "depth", "gain", "rate", "exact_backwards"]
 CURVE_FIELDS = ["task", "peft", "method", "seed", "step", "seconds", "eval_loss", "train_loss"]
 
 
@@ -347,6 +348,9 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
         "bp_eval_loss": f"{eval_loss(bp_model, enc, held):.4f}",
         "step_s": f"{ldfa_step:.3f}", "bp_step_s": f"{bp_step:.3f}", "speedup": f"{bp_step / ldfa_step:.3f}",
     }
+    result["branches"] = [{"task": task, "peft": peft, "method": method, "seed": seed, "branch": name,
+                           "role": b.role, "depth": b.depth, "gain": f"{b.gain:.4f}", "rate": f"{b.rate:.3f}",
+                           "exact_backwards": b.exact_backwards} for name, b in plugin.branches.items()]
     plugin.detach()
     if cut is not None:
         cut.remove()
@@ -450,10 +454,14 @@ def main(argv=None) -> None:
     curves = ResultTable(curve_path, CURVE_FIELDS, key=["task", "peft", "method", "seed", "step"])
     cells = [{"task": args.task, "peft": args.peft, "method": m, "seed": s, "steps": args.steps}
              for m in args.methods for s in args.seeds]
+    branch_table = ResultTable(os.path.join(os.path.dirname(args.out), "llm_sft_branches.csv"), BRANCH_FIELDS,
+                               key=["task", "peft", "method", "seed", "branch"])
     for cell in table.missing(cells):
         curve: list[dict] = []
         row = run(args.task, cell["method"], cell["seed"], args.steps, args.batch_size, args.lr, args.tiny,
                   args.peft, n_eval=8 if args.tiny else 100, curve=curve, eval_every=args.curve)
+        for branch in row.pop("branches"):  # each branch's measured gain and final rate (skip_branches)
+            branch_table.add(branch)
         table.add(row)
         for point in curves.missing(curve):  # the bp side of an earlier run of the same seed is kept
             curves.add(point)
