@@ -69,7 +69,10 @@ def draw(rates: Tensor, seed: int, step: int, independent: bool = False) -> Tens
         return torch.zeros(n, dtype=torch.bool)
     generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))
     if independent:
-        return torch.rand(n, generator=generator, dtype=torch.float64) < rates.double()
+        mask = torch.rand(n, generator=generator, dtype=torch.float64) < rates.double()
+        if bool(mask.all()):  # never every branch: the loss would reach no trainable weight
+            mask[int(torch.argmin(rates))] = False
+        return mask
     order = torch.randperm(n, generator=generator)
     offset = float(torch.rand((), generator=generator, dtype=torch.float64))
     ends = torch.cumsum(rates.double()[order], 0)

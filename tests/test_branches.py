@@ -220,6 +220,10 @@ def test_draw_hits_each_rate_with_a_steady_count_and_repeats_for_the_same_step()
     assert set(counts.tolist()) <= {2.0, 3.0}  # Σ rates = 2.0: never fewer than 2 or more than 3
     assert torch.equal(allocation.draw(rates, 3, 17), allocation.draw(rates, 3, 17))
     assert any(not torch.equal(allocation.draw(rates, 3, s), allocation.draw(rates, 4, s)) for s in range(20))
+    coins = torch.stack([allocation.draw(rates, 3, s, independent=True) for s in range(4000)]).double()
+    assert torch.allclose(coins.mean(0), rates, atol=0.03) and len(set(coins.sum(1).tolist())) > 2
+    high = torch.full((3,), 0.99, dtype=torch.float64)  # never every branch: the loss would train nothing
+    assert not any(bool(allocation.draw(high, 0, s, independent=True).all()) for s in range(200))
 
 
 def _train(model, plugin, steps, start=0):
