@@ -19,7 +19,7 @@ def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     errors = {}
-    for rule in ("oja", "fixed", "fa", "dfa"):
+    for rule in ("oja", "fixed", "fa", "dfa", "local"):
         model, vocab, seq = fsdp_llama.build(tiny=True, seed=0)
         fsdp_llama.shard(model)
         plugin = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rule=rule, rank=4, refresh_every=2))

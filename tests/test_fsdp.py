@@ -45,7 +45,10 @@ def assert_same(a: dict, b: dict, tol: float) -> None:
             assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("rule", ["svd", "local", "calibrated", "bp"])
+# the rules that read W differently under sharding (svd: descent and a refresh; calibrated: the
+# re-aim); local and bp run in the worker below (identical on both ranks; local equals one process
+# under DDP in test_distributed.py)
+@pytest.mark.parametrize("rule", ["svd", "calibrated"])
 def test_fsdp2_trains_like_one_process_wrapped_before_and_after_sharding(tmp_path, rule):
     launch(tmp_path / "one", "--rule", rule, processes=1)
     reference = load_file(tmp_path / "one" / "weights.safetensors")
@@ -80,9 +83,9 @@ def test_fsdp2_runs_every_other_rule_and_stats(tmp_path):
 
     errors = [json.loads((tmp_path / f"errors_rank{r}.json").read_text()) for r in (0, 1)]
     assert errors[0] == errors[1]
-    assert all(0 < errors[0][rule] < 2 for rule in ("oja", "fixed", "fa"))  # PQ stands in for the gathered W
+    assert all(0 < errors[0][rule] < 2 for rule in ("oja", "fixed", "fa", "local"))  # PQ stands in for W
     assert errors[0]["dfa"] != errors[0]["dfa"]  # nan: dfa has no P Q standing in for W
-    for rule in ("oja", "fixed", "fa", "dfa"):
+    for rule in ("oja", "fixed", "fa", "dfa", "local"):
         assert_same(load_file(tmp_path / f"{rule}_rank0.safetensors"), load_file(tmp_path / f"{rule}_rank1.safetensors"), 0)
     for how in ("fsdp2", "ddp"):  # skip_branches: the same draws on both ranks, the same pooled statistics
         modes = [json.loads((tmp_path / f"branch_modes_{how}_rank{r}.json").read_text()) for r in (0, 1)]
