@@ -117,16 +117,19 @@ def whole_model_cost(plugin, samples: Optional[int] = None) -> dict:
     steps it runs. Attention's core, norms and activations are not counted."""
     from .layers import kind_of
 
+    from .targets import unused_copies
+
     model = plugin.model
+    unused = unused_copies(model)
     views = {id(v.module): v for v in plugin.layers.values()}
     seen = sorted(v.forward_samples for v in views.values() if v.forward_samples)
     N = samples or (seen[len(seen) // 2] if seen else ASSUMED_SAMPLES)
     rates = _branch_rates(plugin) if plugin.branches else {}
     head = plugin._head
     forward = bp = ldfa = 0.0
-    for module in model.modules():
+    for name, module in model.named_modules():
         kind = kind_of(module)
-        if kind is None:
+        if kind is None or name in unused:
             continue
         m, n = kind.shape(module)
         if id(module) in views:
@@ -157,9 +160,13 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
     model = plugin.model
     from .layers import kind_of
 
+    from .targets import unused_copies
+
     targeted = {id(v.module) for v in layers.values()}
-    exact = [name for name, module in model.named_modules() if kind_of(module) is not None
-             and id(module) not in targeted and "lora_" not in name]
+    unused = unused_copies(model)
+    linears = [(name, module) for name, module in model.named_modules() if kind_of(module) is not None
+               and name not in unused and "lora_" not in name]
+    exact = [name for name, module in linears if id(module) not in targeted]
     groups: dict[tuple, list] = {}
     for name, view in layers.items():
         groups.setdefault((role(name), view.kind, view.shape, view.rank), []).append(name)
@@ -176,6 +183,10 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
         seen = (f"; last training backward: {head.rows_kept:,} of {head.rows_seen:,} rows" if head.rows_seen else "")
         lines.append(f"  {head.name} ({m} x {n}) is exact and multiplies only the non-zero rows of its error, "
                      f"the scored tokens{seen}")
+    elif linears:
+        name, module = linears[-1]  # the output layer: the last linear layer that runs, in module order
+        lines.append(f"  output layer: {name} ({' x '.join(map(str, kind_of(module).shape(module)))}), "
+                     + ("LDFA feedback" if id(module) in targeted else "exact backprop"))
     if plugin.branches:
         views = list(plugin.branches.values())
         lines.append(f"  residual branches: {len(views)} ({_where([v.name + '.' for v in views])}); each step skips "

@@ -64,6 +64,31 @@ def _adapter_names(model: nn.Module) -> set:
     return names
 
 
+def unused_copies(model: nn.Module) -> set:
+    """Names of modules PEFT keeps but never runs in forward: a ``ModulesToSaveWrapper``'s
+    ``original_module`` while an adapter's copy is active (the head of a PEFT classifier or reward
+    model), and the copies of inactive adapters. Hooking them would cost nothing but would show
+    a second head in ``summary()`` and hold feedback factors for a layer that never trains."""
+    other = sys.modules.get("peft.utils.other")
+    wrapper = getattr(other, "ModulesToSaveWrapper", None)
+    if wrapper is None:
+        return set()
+    names = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, wrapper) or getattr(module, "disable_adapters", False):
+            continue
+        active = set(getattr(module, "active_adapters", []) or [])
+        copies = getattr(module, "modules_to_save", {})
+        if not active & set(copies):
+            continue
+        prefix = f"{name}." if name else ""
+        for child_name, _ in module.named_modules():
+            head = child_name.split(".")
+            if head[0] == "original_module" or (head[0] == "modules_to_save" and len(head) > 1 and head[1] not in active):
+                names.add(prefix + child_name)
+    return names
+
+
 def rank_for(name: str, shape: tuple, config: LDFAConfig) -> int:
     """``min(rank, m, n)``; ``rank_pattern`` overrides by exact name, suffix or regex.
 
@@ -82,7 +107,7 @@ def rank_for(name: str, shape: tuple, config: LDFAConfig) -> int:
 
 def find_targets(model: nn.Module, config: LDFAConfig) -> dict[str, tuple[nn.Module, object, Target]]:
     """Map module name → (module, layer kind, Target) for every layer LDFA will hook."""
-    adapters = _adapter_names(model)
+    adapters = _adapter_names(model) | unused_copies(model)
     supported, unsupported_hits, packed = {}, [], []
     for name, module in model.named_modules():
         if name in adapters:

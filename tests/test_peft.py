@@ -119,3 +119,21 @@ def test_default_rule_on_a_frozen_lora_base_warns_and_for_finetuning_does_not():
         ldfa_hf.wrap(lora_bert(), LDFAConfig(rank=2))
     ldfa_hf.wrap(lora_bert(), LDFAConfig.for_finetuning(rank=2))  # no warning: the error filter would raise
     ldfa_hf.wrap(tiny_bert(), LDFAConfig(rank=2))  # training from scratch: svd is the right rule, no warning
+
+
+def test_a_peft_classifier_head_is_targeted_once_the_copy_that_runs():
+    """PEFT keeps the head twice for modules_to_save; only the adapter's copy runs in forward."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=2, num_labels=1, pad_token_id=0))
+    model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS"))
+    plugin = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rule="bp"))
+    heads = [n for n in plugin.targets if ".score." in n]
+    assert heads == ["base_model.model.score.modules_to_save.default"]
+    text = plugin.summary(print_fn=None)
+    assert "output layer: base_model.model.score.modules_to_save.default (1 x 32), LDFA feedback" in text
+    assert "original_module" not in text
