@@ -111,6 +111,7 @@ class LDFAPlugin:
                 f"{type(model).__name__} is already wrapped with LDFA (module {owner!r} carries an LDFA hook); "
                 "call detach() on the existing plugin first"
             )
+        _check_classifier(model)
         found = find_targets(model, self.config)
         missing = unmatched_rank_patterns(found, self.config)
         if missing:
@@ -601,6 +602,23 @@ class LDFAPlugin:
     def __repr__(self) -> str:
         where = f"{len(self._hooks)} layers" if self._hooks else "detached"
         return f"LDFAPlugin(rule={self.config.rule!r}, rank={self.config.rank}, {where}, step={self.num_steps})"
+
+
+def _check_classifier(model: nn.Module) -> None:
+    """A sequence classifier (a reward model too) scores each row at its last non-pad token, which
+    it finds through ``config.pad_token_id``: without one it fails on the first batch of two rows.
+    Said before anything is attached, with the fix."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or not type(module).__name__.endswith("ForSequenceClassification"):
+            continue
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text, "pad_token_id", None) is None:
+            raise ValueError(
+                f"{type(module).__name__} has no pad_token_id, so it cannot find each row's last token in a padded "
+                "batch; set model.config.pad_token_id = tokenizer.pad_token_id (tokenizer.pad_token = "
+                "tokenizer.eos_token if it has none) before wrapping")
+        return
 
 
 def compiled_code_sees_hooks() -> None:
