@@ -248,6 +248,8 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             settings["branch_tail"] = True
         elif word == "unbiased":  # an exact branch sends 1/(1-p) of its input error
             settings["branch_unbiased"] = True
+        elif word == "dropbp":  # the DropBP baseline: rates from its gradient-change sensitivity (dropbp_rates)
+            settings["branch_allocation"] = "uniform"  # no taps; the rates are replaced once measured
         elif word in ("uniform", "depth", "sensitivity"):  # how the branch rates are allocated
             settings["branch_allocation"] = word
         elif word.startswith("decay"):
@@ -257,6 +259,34 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
     if exclude:  # every entry is a regex over the whole module name
         settings["exclude_modules"] = "|".join(exclude)
     return ldfa_hf.LDFAConfig(rule_options=options, **settings)
+
+
+def dropbp_rates(model, plugin, batch: dict, mean: float) -> torch.Tensor:
+    """The DropBP baseline's sensitivity (Woo et al., NeurIPS 2024, as we read the paper; our code):
+    on one batch, for each branch, the norm of the change in the trainable parameters' gradient
+    when that branch alone skips its backward. The rates then take the same capped ``c / S`` form
+    as ``branch_allocation="sensitivity"``, so the two differ only in what they measure. One
+    forward and backward per branch, before training (not in the step times)."""
+    from ldfa_hf import allocation
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+
+    hooks = list(plugin._branches.values())
+    for hook in hooks:
+        hook.mode = "exact"
+    full = gradient()
+    sensitivity = []
+    for hook in hooks:
+        hook.mode = "skip"
+        sensitivity.append(float((gradient() - full).norm()))
+        hook.mode = "exact"
+    model.zero_grad(set_to_none=True)
+    return allocation.sensitivity_rates(torch.tensor(sensitivity, dtype=torch.float64), mean)
 
 
 def cut_below(model, method: str):
@@ -298,6 +328,11 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
     trainable = {n: p for n, p in bp_model.named_parameters() if p.requires_grad}
     ldfa_model.load_state_dict(trainable, strict=False)  # the same adapters (4-bit state is not copied)
     plugin = ldfa_hf.wrap(ldfa_model, config_for(method, base.config.num_hidden_layers))
+    if "dropbp" in method.split():
+        ldfa_model.train()
+        rates = dropbp_rates(ldfa_model, plugin, enc.batch(train[:batch_size]), plugin.config.skip_branches)
+        plugin.branch_rates = lambda: rates  # the baseline's fixed rates, in place of the plugin's allocation
+        plugin._schedule()
     cut = cut_below(ldfa_model, method)
     models = {"bp": bp_model, "ldfa": ldfa_model}
     for model in models.values():

@@ -141,3 +141,19 @@ def test_time_to_quality_counts_steps_to_plain_loras_final_loss_times_the_step_r
     table = time_to_quality(curve, results).splitlines()
     assert table[2].endswith("| 0.3000 (60) | 40 | 1.20× | 1.80× |")  # 60/40 steps × 1.2
     assert "not reached (final 0.6000)" in table[3]
+
+
+def test_llm_sft_branch_words_and_the_dropbp_baseline():
+    from benchmarks import llm_sft
+
+    cfg = llm_sft.config_for("bp skip0.4 bridge8 tail unbiased depth", 2)
+    assert (cfg.skip_branches, cfg.branch_bridge, cfg.branch_tail, cfg.branch_unbiased, cfg.branch_allocation) == \
+        (0.4, 8, True, True, "depth")
+    model, tok = llm_sft.base_model(tiny=True)
+    model = llm_sft.with_lora(model, "lora", seed=0)
+    model.train()
+    plugin = ldfa_hf.wrap(model, llm_sft.config_for("bp skip0.5 dropbp", 2))
+    batch = llm_sft.Encoder(tok).batch(llm_sft.task_examples("arith", 4, seed=0))
+    rates = llm_sft.dropbp_rates(model, plugin, batch, 0.5)
+    assert rates.shape == (4,) and abs(float(rates.mean()) - 0.5) < 1e-6
+    assert all(p.grad is None for p in model.parameters())  # the measurement leaves no gradient behind
