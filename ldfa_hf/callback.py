@@ -77,6 +77,12 @@ class LDFACallback(TrainerCallback):
                 "LDFACallback was passed in callbacks=[...], so it runs after the reporting callbacks "
                 f"({', '.join(reporters)}) and the ldfa/* scalars reach only trainer.state.log_history; "
                 "use LDFACallback(plugin).install(trainer) to report them too", LDFAWarning, stacklevel=2)
+        ddp = getattr(args, "world_size", 1) > 1 and not getattr(args, "fsdp", None) and not getattr(args, "deepspeed", None)
+        if self.plugin.config.skip_branches and ddp and not args.ddp_find_unused_parameters:
+            warnings.warn(
+                "skip_branches leaves a skipped branch's parameters without a gradient that step, which DDP "
+                "refuses unless it looks for unused parameters: set TrainingArguments(ddp_find_unused_parameters=True)",
+                LDFAWarning, stacklevel=2)
         if self.plugin.steps_per_epoch is None:  # the Trainer's epoch length, for refresh_every="auto"
             loader = kwargs.get("train_dataloader")
             try:
