@@ -65,6 +65,9 @@ def branch_skipping(out: str, rank: int) -> None:
         save_file(state, os.path.join(out, f"branches_{how}_rank{rank}.safetensors"))
         with open(os.path.join(out, f"branch_modes_{how}_rank{rank}.json"), "w") as fh:
             json.dump(modes, fh)
+        plugin.detach()
+        del run, model, optimizer
+        dist.barrier()  # no collective of this run left in flight when the next starts, or at exit
 
 
 if __name__ == "__main__":
