@@ -25,7 +25,7 @@ from .config import LDFAConfig
 from .plugin import wrap
 
 # what the default run took, and where (printed before it starts)
-RUNTIME = "about 3 minutes on an idle 2-core x86 CPU (2026-12-06); twice that on a busy one"
+RUNTIME = "1 min 35 s on an idle 2-core x86 CPU (measured 2026-12-06, v0.2.0); longer on a busy one"
 SPREAD_NOTE = 0.15  # per-round ratios spread wider than this (relative IQR) get a note: a busy machine
 
 
