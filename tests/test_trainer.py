@@ -236,3 +236,18 @@ def test_trainer_gives_the_plugin_its_epoch_length_for_auto_refresh(tmp_path):
     # 24 examples / batch 4 = 6 batches, 2 per optimizer step: 3 steps an epoch, refresh every 1
     assert plugin.steps_per_epoch == 3 and plugin.refresh_interval == 1
     assert ldfa_hf.wrap(tiny_bert(), LDFAConfig(rank=2, refresh_every=7)).refresh_interval == 7
+
+
+def test_callback_warns_when_skipped_branches_meet_ddp_without_unused_parameters():
+    from test_branches import tiny_llama
+
+    plugin = ldfa_hf.wrap(tiny_llama(2), LDFAConfig(rule="bp", skip_branches=0.5))
+    callback = LDFACallback(plugin)
+    callback._installed = True
+    args = SimpleNamespace(report_to="none", world_size=2, fsdp="", deepspeed=None, gradient_accumulation_steps=1,
+                           ddp_find_unused_parameters=None)
+    state = SimpleNamespace(global_step=0)
+    with pytest.warns(ldfa_hf.LDFAWarning, match="ddp_find_unused_parameters=True"):
+        callback.on_train_begin(args, state, None)
+    args.ddp_find_unused_parameters = True
+    callback.on_train_begin(args, state, None)  # no warning: the package's warnings fail a test
