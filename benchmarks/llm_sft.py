@@ -441,24 +441,39 @@ def time_to_quality(curve: list[dict], results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_time_to_quality(rows: list[dict], path: str) -> str:
-    """Held-out loss against each model's own training clock (seconds of steps, evaluation excluded),
-    one panel per task and fine-tuning kind, one line per method and seed."""
+def plot_time_to_quality(rows: list[dict], path: str, results: list[dict] | None = None) -> str:
+    """Held-out loss against training time, one panel per task and fine-tuning kind, one line per
+    method and seed. With ``results`` the time is steps × the run's median step time (plain LoRA:
+    the median over the runs of that seed), so that runs made under different machine loads share
+    one clock (plain LoRA's from the drawn runs of that seed); without, each model's own recorded
+    seconds."""
     from .harness import _pyplot, save_figure
 
+    step_s: dict[tuple, float] = {}
+    if results:
+        bp: dict[tuple, list] = {}
+        drawn = {(r["task"], r["peft"], r["method"], str(r["seed"])) for r in rows}
+        for r in results:
+            if (r["task"], r["peft"], r["method"], str(r["seed"])) not in drawn:
+                continue  # plain LoRA's step time from the runs whose curves are drawn
+            step_s[(r["task"], r["peft"], r["method"], str(r["seed"]))] = float(r["step_s"])
+            bp.setdefault((r["task"], r["peft"], "backprop", str(r["seed"])), []).append(float(r["bp_step_s"]))
+        step_s.update({key: statistics.median(values) for key, values in bp.items()})
     plt = _pyplot()
     panels = sorted({(r["task"], r["peft"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (task, peft) in zip(axes[0], panels):
         lines: dict[str, list] = {}
         for r in rows:
             if (r["task"], r["peft"]) == (task, peft):
-                lines.setdefault(f"{r['method']} (seed {r['seed']})", []).append(
-                    (float(r["seconds"]), float(r["eval_loss"])))
+                per_step = step_s.get((task, peft, r["method"], str(r["seed"])))
+                x = int(r["step"]) * per_step if per_step else float(r["seconds"])
+                lines.setdefault(f"{r['method']} (seed {r['seed']})", []).append((x, float(r["eval_loss"])))
         for label, points in sorted(lines.items()):
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, "--" if label.startswith("backprop") else "-", marker=".", label=label, lw=1.2)
-        ax.set_xlabel("training seconds (2-core CPU, steps only)")
+        ax.set_xlabel("training seconds: steps × the run's median step time (2-core CPU)" if step_s
+                      else "training seconds (2-core CPU, steps only)")
         ax.set_ylabel("held-out loss")
         ax.set_title(f"SmolLM2-135M {peft}: {task}")
         ax.legend(fontsize=7)
@@ -505,7 +520,7 @@ def main(argv=None) -> None:
     print(pareto_table(table.rows))
     if curves.rows:
         print(time_to_quality(curves.rows, table.rows))
-        print("plot:", plot_time_to_quality(curves.rows, curve_path.replace(".csv", ".png")))
+        print("plot:", plot_time_to_quality(curves.rows, curve_path.replace(".csv", ".png"), table.rows))
     print(f"results: {args.out}")
 
 
