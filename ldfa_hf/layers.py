@@ -260,16 +260,19 @@ class Linear4bitKind(LinearKind):
 
         bitsandbytes picks its CPU inference kernel (and re-packs the weight in place for it) when the
         input needs no gradient outside training mode. LDFA's detached input would send a forward with
-        gradients there, which plain QLoRA never takes: that forward must stay the one the user had."""
+        gradients there, which plain QLoRA never takes: that forward must stay the one the user had.
+        The module's own setting is read once, so a forward that raised cannot leave it changed."""
         module = self.module
-        if x.requires_grad and getattr(module, "support_avx512bf16_for_cpu", False):
+        if not hasattr(self, "_kernel_allowed"):
+            self._kernel_allowed = bool(getattr(module, "support_avx512bf16_for_cpu", False))
+        if x.requires_grad and self._kernel_allowed:
             module.support_avx512bf16_for_cpu = False
             return True
         return None
 
     def after_forward(self, token) -> None:
         if token:
-            self.module.support_avx512bf16_for_cpu = True
+            self.module.support_avx512bf16_for_cpu = self._kernel_allowed
 
 
 def _unpacked_for_cpu(bnbf, data: Tensor, state):
