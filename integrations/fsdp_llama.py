@@ -192,6 +192,7 @@ def main(argv=None) -> None:
     if not distributed or dist.get_rank() == 0:
         print(f"rule={args.rule} wrap={args.wrap} steps={step} loss={loss.item():.4f} {plugin}")
     if distributed:
+        dist.barrier()  # both ranks done with every collective before the group goes (else gloo can abort at exit)
         dist.destroy_process_group()
 
 
