@@ -27,9 +27,6 @@ from torch.autograd.function import once_differentiable
 from .branches import Branch
 from .feedback import Switch, _Registered
 
-MODES = ("exact", "skip", "bridge")
-
-
 class _Tap(torch.autograd.Function):
     """Identity; its backward hands the error it sees to the hook."""
 
@@ -74,6 +71,13 @@ def _branch_input(args: tuple, kwargs: dict) -> tuple[Optional[Tensor], Optional
     return (x, key) if isinstance(x, Tensor) else (None, None)
 
 
+def _with_input(args: tuple, kwargs: dict, key: Optional[str], x: Tensor):
+    """The module's arguments with the branch input (found by ``_branch_input``) replaced by ``x``."""
+    if key is None:
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, key: x}
+
+
 def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
@@ -87,12 +91,12 @@ class BranchHook:
     error gain (sensitivity) and, with a bridge, its fitted factors and their statistics."""
 
     def __init__(self, branch: Branch, switch: Switch, bridge_rank: Optional[int] = None,
-                 bridge_rows: int = 256, tail: bool = False) -> None:
+                 bridge_rows: int = 256, tail: bool = False, measure: bool = True) -> None:
         self.branch = branch
         self.name, self.role, self.depth = branch.name, branch.role, branch.depth
         self.switch = switch
         self.mode = "exact"
-        self.measure = True               # exact steps tap the errors (sensitivity, bridge fit)
+        self.measure = measure            # exact steps tap the errors (sensitivity, bridge fit)
         self.scale = 1.0                  # what an exact step multiplies the branch's input error by
         self.bridge_rank = bridge_rank
         self.tail = tail                  # a skipped branch's output projection still learns
@@ -138,22 +142,15 @@ class BranchHook:
             return None
         if not self.measure and self.scale == 1.0:
             return None
-        tapped = _Tap.apply(x, self, "in")
         self._tapped_in = True
-        if key is None:
-            return (tapped, *args[1:]), kwargs
-        return args, {**kwargs, key: tapped}
+        return _with_input(args, kwargs, key, _Tap.apply(x, self, "in"))
 
     def tail_forward(self, module, args, kwargs):
         """A skipped branch with a learning tail: the output projection gets a detached input."""
         if self.mode == "exact" or not self._active():
             return None
         x, key = _branch_input(args, kwargs)
-        if x is None:
-            return None
-        if key is None:
-            return (x.detach(), *args[1:]), kwargs
-        return args, {**kwargs, key: x.detach()}
+        return None if x is None else _with_input(args, kwargs, key, x.detach())
 
     def post_forward(self, module, args, kwargs, output):
         x, self._x = self._x, None

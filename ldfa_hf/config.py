@@ -13,7 +13,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 from . import rules
 from .warning import LDFAWarning
@@ -23,8 +23,8 @@ AUTO_REFRESH_FALLBACK = 500  # refresh_every="auto" when the epoch length is unk
 # the built-in rule names, for type checkers (a test keeps them equal to ``rules.BUILTIN``);
 # any name given to ``register_rule`` is accepted too
 RuleName = Literal["svd", "local", "oja", "calibrated", "streaming", "sampled", "fixed", "fa", "dfa", "bp"]
+BranchAllocation = Literal["sensitivity", "depth", "uniform"]  # LDFAConfig.branch_allocation
 # LDFAConfig fields only some rules read (``Rule.settings``): setting one the rule ignores warns
-BranchAllocation = Literal["sensitivity", "depth", "uniform"]
 RULE_SETTINGS = ("refit_every", "calibrate_every", "feedback_lr", "feedback_weight_decay")
 
 
@@ -32,8 +32,6 @@ RULE_SETTINGS = ("refit_every", "calibrate_every", "feedback_lr", "feedback_weig
 # the layers exact kept the most accuracy at no cost in speed against the top half; below them the unbiased
 # ``sampled`` feedback matched backprop where ``calibrated``'s biased one lost 6-8 points; MiniLM checked (section e)
 FINETUNING: dict = {"rule": "sampled", "rank": 32, "exact_top": 0.67}
-
-
 
 
 def _is_int(value: Any) -> bool:
@@ -230,8 +228,8 @@ class LDFAConfig:
             raise ValueError(f"branch_unbiased must be a bool; got {self.branch_unbiased!r}")
         if not isinstance(self.branch_tail, bool):
             raise ValueError(f"branch_tail must be a bool; got {self.branch_tail!r}")
-        if self.branch_allocation not in ("sensitivity", "depth", "uniform"):
-            raise ValueError(f"branch_allocation must be 'sensitivity', 'depth' or 'uniform'; got {self.branch_allocation!r}")
+        if self.branch_allocation not in get_args(BranchAllocation):
+            raise ValueError(f"branch_allocation must be one of {get_args(BranchAllocation)}; got {self.branch_allocation!r}")
         _check_branch_map(self.branch_map)
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an int; got {self.seed!r}")

@@ -12,8 +12,10 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .feedback import layer_input
 from .cost import LayerCost
+from .feedback import layer_input
+from .layers import kind_of
+from .targets import unused_copies
 
 
 ASSUMED_SAMPLES = 512  # rows per layer and step when no training forward has been seen yet
@@ -110,27 +112,27 @@ def _branch_rates(plugin) -> dict[int, float]:
     return rates
 
 
-def whole_model_cost(plugin, samples: Optional[int] = None) -> dict:
+def linear_layers(model) -> list[tuple]:
+    """(name, module, layer kind) of every linear layer that runs in forward, in module order
+    (the copies of a PEFT ``modules_to_save`` head that never run are left out)."""
+    unused = unused_copies(model)
+    return [(name, module, kind) for name, module in model.named_modules()
+            if (kind := kind_of(module)) is not None and name not in unused]
+
+
+def whole_model_cost(plugin, samples: Optional[int] = None, linears: Optional[list] = None) -> dict:
     """Multiply-adds of every linear layer of the model per step (targeted by LDFA or not, LoRA's
     adapters included), backprop vs this plugin's configuration: LDFA's layers as ``estimate_cost``
     counts them, the exact LM head's zero rows skipped, a branch's layers scaled by the share of
-    steps it runs. Attention's core, norms and activations are not counted."""
-    from .layers import kind_of
-
-    from .targets import unused_copies
-
-    model = plugin.model
-    unused = unused_copies(model)
+    steps it runs. Attention's core, norms and activations are not counted. ``linears``:
+    ``linear_layers(plugin.model)``, if the caller has it already."""
     views = {id(v.module): v for v in plugin.layers.values()}
     seen = sorted(v.forward_samples for v in views.values() if v.forward_samples)
     N = samples or (seen[len(seen) // 2] if seen else ASSUMED_SAMPLES)
     rates = _branch_rates(plugin) if plugin.branches else {}
     head = plugin._head
     forward = bp = ldfa = 0.0
-    for name, module in model.named_modules():
-        kind = kind_of(module)
-        if kind is None or name in unused:
-            continue
+    for _, module, kind in linears if linears is not None else linear_layers(plugin.model):
         m, n = kind.shape(module)
         if id(module) in views:
             view = views[id(module)]
@@ -158,15 +160,10 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
     the estimated saving of the whole model's linear layers (with the rows per step it assumed)."""
     config, rule, layers = plugin.config, plugin.rule, plugin.layers
     model = plugin.model
-    from .layers import kind_of
-
-    from .targets import unused_copies
-
     targeted = {id(v.module) for v in layers.values()}
-    unused = unused_copies(model)
-    linears = [(name, module) for name, module in model.named_modules() if kind_of(module) is not None
-               and name not in unused and "lora_" not in name]
-    exact = [name for name, module in linears if id(module) not in targeted]
+    linears = linear_layers(model)
+    frozen_or_trained = [(name, module, kind) for name, module, kind in linears if "lora_" not in name]
+    exact = [name for name, module, _ in frozen_or_trained if id(module) not in targeted]
     groups: dict[tuple, list] = {}
     for name, view in layers.items():
         groups.setdefault((role(name), view.kind, view.shape, view.rank), []).append(name)
@@ -183,9 +180,9 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
         seen = (f"; last training backward: {head.rows_kept:,} of {head.rows_seen:,} rows" if head.rows_seen else "")
         lines.append(f"  {head.name} ({m} x {n}) is exact and multiplies only the non-zero rows of its error, "
                      f"the scored tokens{seen}")
-    elif linears:
-        name, module = linears[-1]  # the output layer: the last linear layer that runs, in module order
-        lines.append(f"  output layer: {name} ({' x '.join(map(str, kind_of(module).shape(module)))}), "
+    elif frozen_or_trained:
+        name, module, kind = frozen_or_trained[-1]  # the output layer: the last linear layer that runs
+        lines.append(f"  output layer: {name} ({' x '.join(map(str, kind.shape(module)))}), "
                      + ("LDFA feedback" if id(module) in targeted else "exact backprop"))
     if plugin.branches:
         views = list(plugin.branches.values())
@@ -202,7 +199,7 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
         lines.append(f"{len(names):>5}  {group_name(names):<{width}}  {kind:<7} {f'{m} x {n}':>13} {rank:>5} {params:>11,}")
     lines.append(f"feedback parameters: {feedback_params:,}")
     cost = estimate_cost(plugin, samples)
-    whole = whole_model_cost(plugin, samples)
+    whole = whole_model_cost(plugin, samples, linears)
     if samples:
         rows = f"{samples:,} rows (tokens) per layer and step, as given"
     elif cost["assumed"]:

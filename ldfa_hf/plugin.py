@@ -165,13 +165,9 @@ class LDFAPlugin:
         if self.config.skip_branches <= 0:
             return {}
         measure = self.config.branch_allocation == "sensitivity" or self.config.branch_bridge > 0
-        hooks = {}
-        for branch in find_branches(model, self.config.branch_map):
-            hook = BranchHook(branch, self.switch, bridge_rank=self.config.branch_bridge or None,
-                              tail=self.config.branch_tail)
-            hook.measure = measure
-            hooks[branch.name] = hook
-        return hooks
+        return {branch.name: BranchHook(branch, self.switch, bridge_rank=self.config.branch_bridge or None,
+                                        tail=self.config.branch_tail, measure=measure)
+                for branch in find_branches(model, self.config.branch_map)}
 
     def _init_factors(self, hooks: Mapping[str, FeedbackHook]) -> None:
         """Every layer's initial P, Q from its weight (seeded by name: the same on every process)."""
@@ -500,7 +496,7 @@ class LDFAPlugin:
             state[key] = factor.detach()
         state.update(self.rule.state_dict(list(self._hooks.values())))
         for name, hook in self._branches.items():
-            pooled = {k: v for k, v in self._pooled[name].items()}
+            pooled = dict(self._pooled[name])
             if hook.P is not None:
                 pooled.update(P=hook.P, Q=hook.Q)
             for key, value in pooled.items():

@@ -6,6 +6,18 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_llama_folder(tmp_path_factory) -> str:
+    """A saved 2-block random Llama with its locally built chat tokenizer (``llm_sft.tiny_llama``),
+    for code that loads a model by path (TRL, the README's snippets). Read only."""
+    from benchmarks.llm_sft import tiny_llama
+
+    folder = tmp_path_factory.mktemp("tiny_chat_llama")
+    model, tokenizer = tiny_llama()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
 
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -68,14 +68,9 @@ def test_trainer_snippet(tmp_path, monkeypatch):
     assert scope["trainer"].state.global_step == 2 and scope["plugin"].num_steps == 2
 
 
-def test_trl_snippet_runs_as_written_on_a_tiny_local_llama(tmp_path, monkeypatch):
+def test_trl_snippet_runs_as_written_on_a_tiny_local_llama(tmp_path, monkeypatch, tiny_chat_llama_folder):
     pytest.importorskip("trl")
-    from benchmarks.llm_sft import tiny_llama as tiny_chat_llama
-
-    folder = tmp_path / "tiny-llama"
-    model, tokenizer = tiny_chat_llama()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = tiny_chat_llama_folder
     monkeypatch.setattr(ldfa_hf.pretrained, "smollm2_path", lambda *a, **k: folder)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}

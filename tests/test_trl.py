@@ -9,17 +9,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("trl")
 
-from benchmarks.llm_sft import tiny_llama  # noqa: E402
 from integrations import trl_sft  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_llm")
-    model, tokenizer = tiny_llama()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def run(folder, out, *extra):
@@ -33,8 +23,8 @@ def adapter(folder):
     return load_file(os.path.join(folder, "adapter_model.safetensors"))
 
 
-def test_sft_trainer_with_peft_config_trains_with_ldfa_and_resumes_bit_identically(tiny_folder, tmp_path):
-    trainer = run(tiny_folder, tmp_path / "a")
+def test_sft_trainer_with_peft_config_trains_with_ldfa_and_resumes_bit_identically(tiny_chat_llama_folder, tmp_path):
+    trainer = run(tiny_chat_llama_folder, tmp_path / "a")
     plugin = next(cb.plugin for cb in trainer.callback_handler.callbacks if hasattr(cb, "plugin"))
     assert plugin.num_steps == 4 and plugin.rule.name == "sampled"
     assert all(".base_layer" in name or name.endswith("lm_head") for name in plugin.targets)  # never an adapter
@@ -44,7 +34,7 @@ def test_sft_trainer_with_peft_config_trains_with_ldfa_and_resumes_bit_identical
 
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoint-4")
-    run(tiny_folder, tmp_path / "b", "--resume")
+    run(tiny_chat_llama_folder, tmp_path / "b", "--resume")
     for name in ("checkpoint-4",):
         a, b = adapter(tmp_path / "a" / name), adapter(tmp_path / "b" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -52,6 +42,6 @@ def test_sft_trainer_with_peft_config_trains_with_ldfa_and_resumes_bit_identical
         sb = load_file(tmp_path / "b" / name / "ldfa_state.safetensors")
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
-    run(tiny_folder, tmp_path / "c", "--no-ldfa")  # plain LoRA takes other steps: LDFA changed the gradients
+    run(tiny_chat_llama_folder, tmp_path / "c", "--no-ldfa")  # plain LoRA takes other steps: LDFA changed the gradients
     a, c = adapter(tmp_path / "a" / "checkpoint-4"), adapter(tmp_path / "c" / "checkpoint-4")
     assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -12,17 +12,7 @@ from safetensors.torch import load_file
 pytest.importorskip("trl")
 
 import ldfa_hf  # noqa: E402
-from benchmarks.llm_sft import tiny_llama  # noqa: E402
 from integrations import trl_reward  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_reward")
-    model, tokenizer = tiny_llama()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def run(folder, out, *extra):
@@ -30,8 +20,8 @@ def run(folder, out, *extra):
                             "--batch-size", "2", "--grad-accum", "2", "--examples", "32", *extra])
 
 
-def test_reward_trainer_trains_with_ldfa_logs_its_metrics_and_resumes_bit_identically(tiny_folder, tmp_path):
-    trainer = run(tiny_folder, tmp_path / "a")
+def test_reward_trainer_trains_with_ldfa_logs_its_metrics_and_resumes_bit_identically(tiny_chat_llama_folder, tmp_path):
+    trainer = run(tiny_chat_llama_folder, tmp_path / "a")
     assert trainer.args.gradient_checkpointing  # RewardTrainer's default: LDFA gathers in backward, once
     plugin = next(cb.plugin for cb in trainer.callback_handler.callbacks if hasattr(cb, "plugin"))
     assert plugin.num_steps == 4
@@ -42,21 +32,21 @@ def test_reward_trainer_trains_with_ldfa_logs_its_metrics_and_resumes_bit_identi
                                                                       for h in logged)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoint-4")
-    run(tiny_folder, tmp_path / "b", "--resume")
+    run(tiny_chat_llama_folder, tmp_path / "b", "--resume")
     for name in ("adapter_model.safetensors", "ldfa_state.safetensors"):
         a, b = (load_file(tmp_path / run_dir / "checkpoint-4" / name) for run_dir in ("a", "b"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_reward_model_needs_one_label_and_a_pad_token(tiny_folder):
+def test_reward_model_needs_one_label_and_a_pad_token(tiny_chat_llama_folder):
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    two = AutoModelForSequenceClassification.from_pretrained(tiny_folder, num_labels=2)
+    two = AutoModelForSequenceClassification.from_pretrained(tiny_chat_llama_folder, num_labels=2)
     with pytest.raises(ValueError, match="num_labels"):
         RewardTrainer(model=two, args=RewardConfig(output_dir="unused", use_cpu=True, bf16=False),
                       train_dataset=trl_reward.sum_preferences(4))
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_folder, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_chat_llama_folder, num_labels=1)
     model.config.pad_token_id = None
     with pytest.raises(ValueError, match="pad_token_id"):
         ldfa_hf.wrap(model, ldfa_hf.LDFAConfig.for_finetuning())

@@ -197,7 +197,6 @@ class Rule:
         """Count a skipped update; warn the first time only."""
         layer.skipped += 1
         if not self._warned_nonfinite:
-
             warnings.warn(
                 f"LDFA: non-finite feedback statistics in {layer.name!r}; its update was skipped "
                 "(counted in plugin.stats()['skipped_updates'], warned once)",

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from .. import distributed
 from ..linalg import factor_generator, top_subspace, truncated_svd
-from .base import Rule
 from ..warning import LDFAWarning
+from .base import Rule
 
 
 class Calibrated(Rule):
@@ -128,7 +128,6 @@ class Calibrated(Rule):
         layers = [layer for layer in layers if layer.P is not None]
         eval_mode = all(layer.eval_forward for layer in layers)  # the plugin warns about that itself
         if layers and not eval_mode and not any(layer.backward_seen for layer in layers):
-
             warnings.warn("LDFA calibrated: plugin.step() was called with no backward since the last step, so this "
                           "calibration step saw no gradients (call it once per optimizer step, after backward)",
                           LDFAWarning, stacklevel=4)

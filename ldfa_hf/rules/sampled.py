@@ -34,8 +34,8 @@ from torch import Tensor
 
 from ..layers import LinearKind
 from ..linalg import factor_generator
-from .streaming import Streaming
 from ..warning import LDFAWarning
+from .streaming import Streaming
 
 
 def inclusion_probabilities(weights: Tensor, budget: float) -> Tensor:
@@ -83,7 +83,6 @@ class Sampled(Streaming):
         convs = [layer.name for layer in layers if not isinstance(layer.kind, LinearKind)]
         if convs and not self._warned_convs:
             self._warned_convs = True
-
             warnings.warn(f"LDFA sampled: {len(convs)} convolution layer(s) (e.g. {convs[0]!r}) get the plain, "
                           "uncorrected feedback; the exact-row correction is for linear layers", LDFAWarning,
                           stacklevel=4)

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from .. import distributed
 from ..linalg import canonical_signs, svd_factors
-from .base import Rule
 from ..warning import LDFAWarning
+from .base import Rule
 
 
 class SVD(Rule):
@@ -51,7 +51,6 @@ class SVD(Rule):
         super().attach(layers)
         frozen = sum(not layer.weight_trains for layer in layers)
         if layers and frozen * 2 >= len(layers):
-
             warnings.warn(
                 f"LDFA rule='svd' on a model whose targeted weights are mostly frozen ({frozen} of {len(layers)}: "
                 "a LoRA/QLoRA base or a frozen backbone). svd aims the feedback at W's top singular directions, "
