@@ -22,7 +22,9 @@ process writes its shards); the plugin's state is replicated, so rank 0 writes i
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -192,8 +194,21 @@ def main(argv=None) -> None:
     if not distributed or dist.get_rank() == 0:
         print(f"rule={args.rule} wrap={args.wrap} steps={step} loss={loss.item():.4f} {plugin}")
     if distributed:
-        dist.barrier()  # both ranks done with every collective before the group goes (else gloo can abort at exit)
-        dist.destroy_process_group()
+        del model, optimizer, plugin  # FSDP2 keeps its last collectives' work objects until its state goes
+        leave()
+
+
+def leave() -> None:
+    """End a multi-process run: the ranks meet, the group goes, and the process exits without the
+    interpreter's teardown. Gloo's worker threads can abort that teardown on CPU now and then (SIGABRT,
+    "terminate called without an active exception"; see pytorch/pytorch#179291) after everything has
+    been saved, which a launcher reports as a failed run."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def main(out: str) -> None:
     with open(os.path.join(out, f"errors_rank{rank}.json"), "w") as fh:
         json.dump(errors, fh)
     branch_skipping(out, rank)
-    dist.destroy_process_group()
+    fsdp_llama.leave()
 
 
 def branch_skipping(out: str, rank: int) -> None:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -31,8 +32,20 @@ def launch(out, *args, processes: int = 2) -> None:
     else:
         cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(processes), "--master_port", free_port(),
                SCRIPT, *common, "--save-dir", str(out)]
+    run_launch(cmd)
+
+
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def run_launch(cmd: list) -> None:
+    """Run a launch; one more try only when a rank died of gloo's teardown abort (the scripts leave
+    through ``fsdp_llama.leave`` to avoid it; every other failure fails at once)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and TEARDOWN_ABORT in done.stderr:
+        warnings.warn(f"gloo aborted a rank at teardown; launching again: {' '.join(cmd[-6:])}")
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
@@ -76,9 +89,7 @@ def test_fsdp2_checkpoint_resumes_bit_identically(tmp_path):
 def test_fsdp2_runs_every_other_rule_and_stats(tmp_path):
     worker = os.path.join(ROOT, "tests", "fsdp_rules_worker.py")
     cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), worker, str(tmp_path)]
-    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    run_launch(cmd)
     import json
 
     errors = [json.loads((tmp_path / f"errors_rank{r}.json").read_text()) for r in (0, 1)]
