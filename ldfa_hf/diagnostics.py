@@ -15,7 +15,7 @@ from torch import Tensor
 from .cost import LayerCost
 from .feedback import layer_input
 from .layers import kind_of
-from .targets import unused_copies
+from .targets import classifier_head, unused_copies
 
 
 ASSUMED_SAMPLES = 512  # rows per layer and step when no training forward has been seen yet
@@ -181,8 +181,11 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
         lines.append(f"  {head.name} ({m} x {n}) is exact and multiplies only the non-zero rows of its error, "
                      f"the scored tokens{seen}")
     elif frozen_or_trained:
-        name, module, kind = frozen_or_trained[-1]  # the output layer: the last linear layer that runs
-        lines.append(f"  output layer: {name} ({' x '.join(map(str, kind.shape(module)))}), "
+        scores = classifier_head(model)
+        name, module, kind = next(((n, m, k) for n, m, k in frozen_or_trained if scores and m is scores[1]),
+                                  frozen_or_trained[-1])  # else the output layer: the last linear layer that runs
+        lines.append(f"  {'classification head' if scores else 'output layer'}: {name} "
+                     f"({' x '.join(map(str, kind.shape(module)))}), "
                      + ("LDFA feedback" if id(module) in targeted else "exact backprop"))
     if plugin.branches:
         views = list(plugin.branches.values())

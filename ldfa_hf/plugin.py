@@ -22,7 +22,7 @@ from .config import AUTO_REFRESH_FALLBACK, LDFAConfig, LDFAWarning
 from .feedback import FeedbackHook, Switch
 from .linalg import factor_generator
 from .rules import make_rule
-from .targets import Target, existing_hook_owner, find_targets, unmatched_rank_patterns
+from .targets import Target, classifier_head, existing_hook_owner, find_targets, unmatched_rank_patterns
 from .zero_rows import ZeroRowSkipping, output_layer
 
 STATE_NAME = "ldfa_state.safetensors"
@@ -614,7 +614,8 @@ def _check_classifier(model: nn.Module) -> None:
                 f"{type(module).__name__} has no pad_token_id, so it cannot find each row's last token in a padded "
                 "batch; set model.config.pad_token_id = tokenizer.pad_token_id (tokenizer.pad_token = "
                 "tokenizer.eos_token if it has none) before wrapping")
-        return
+        break
+    classifier_head(model)  # raises when a sequence classifier's head is not found
 
 
 def compiled_code_sees_hooks() -> None:

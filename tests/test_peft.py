@@ -135,5 +135,25 @@ def test_a_peft_classifier_head_is_targeted_once_the_copy_that_runs():
     heads = [n for n in plugin.targets if ".score." in n]
     assert heads == ["base_model.model.score.modules_to_save.default"]
     text = plugin.summary(print_fn=None)
-    assert "output layer: base_model.model.score.modules_to_save.default (1 x 32), LDFA feedback" in text
+    assert "classification head: base_model.model.score.modules_to_save.default (1 x 32), LDFA feedback" in text
     assert "original_module" not in text
+
+
+def test_a_sequence_classifier_whose_head_cannot_be_found_is_refused_unchanged():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=2, num_labels=3, pad_token_id=0))
+    model.verdict = model.score  # a head under a name no family uses
+    del model.score
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot find the head of LlamaForSequenceClassification.*'score'.*"
+                                         r"children are \['model', 'verdict'\]"):
+        ldfa_hf.wrap(model, ldfa_hf.LDFAConfig.for_finetuning())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.score = torch.nn.Sequential(torch.nn.Tanh(), torch.nn.Linear(32, 3))  # a head with a linear layer inside
+    text = ldfa_hf.wrap(model, ldfa_hf.LDFAConfig(rule="bp")).summary(print_fn=None)
+    assert "classification head: score.1 (3 x 32), LDFA feedback" in text
