@@ -43,7 +43,7 @@ def batches(n, size=2, seed=0):
 
 
 def test_every_snippet_is_marked_and_known():
-    assert set(snippets()) == {"loop", "trainer", "trl", "rule"}
+    assert set(snippets()) == {"loop", "trainer", "trl", "reward", "rule"}
 
 
 def test_wrap_loop_snippet(tmp_path, monkeypatch):
@@ -88,3 +88,14 @@ def test_rule_snippet(tmp_path, monkeypatch):
     exec(snippets()["rule"], scope)
     assert ldfa_hf.LDFAConfig.from_pretrained(tmp_path / "out").rule == "damped_svd"
     assert "damped_svd" not in BUILTIN
+
+
+def test_reward_snippet_runs_as_written_on_a_tiny_local_llama(tmp_path, monkeypatch, tiny_chat_llama_folder):
+    pytest.importorskip("trl")
+    monkeypatch.setattr(ldfa_hf.pretrained, "smollm2_path", lambda *a, **k: tiny_chat_llama_folder)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(snippets()["reward"], scope)
+    assert scope["trainer"].state.global_step == 10 and scope["plugin"].num_steps == 10
+    assert "classification head: base_model.model.score.modules_to_save.default" in scope["plugin"].summary(print_fn=None)
+    assert {"accuracy", "margin"} <= set(next(h for h in scope["trainer"].state.log_history if "loss" in h))
