@@ -43,7 +43,7 @@ import ldfa_hf
 from . import floor  # noqa: F401  (registers rule="floor", zero feedback, for the Pareto table)
 from .harness import ResultTable, out_path
 
-FIELDS = ["task", "peft", "method", "seed", "steps", "tokens_per_step", "exact_match", "eval_loss",
+FIELDS = ["task", "peft", "method", "seed", "steps", "batch_size", "tokens_per_step", "exact_match", "eval_loss",
           "bp_exact_match", "bp_eval_loss", "step_s", "bp_step_s", "speedup"]
 BRANCH_FIELDS = ["task", "peft", "method", "seed", "branch", "role", "depth", "gain", "rate", "exact_backwards"]
 CURVE_FIELDS = ["task", "peft", "method", "seed", "step", "seconds", "eval_loss", "train_loss"]
@@ -375,7 +375,7 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
     bp_step, ldfa_step = statistics.median(times["bp"][warm]), statistics.median(times["ldfa"][warm])
     scored = task != "pydoc"
     result = {
-        "task": task, "peft": peft, "method": method, "seed": seed, "steps": steps,
+        "task": task, "peft": peft, "method": method, "seed": seed, "steps": steps, "batch_size": batch_size,
         "tokens_per_step": round(statistics.mean(tokens)),
         "exact_match": f"{exact_match(ldfa_model, enc, held):.4f}" if scored else "",
         "eval_loss": f"{eval_loss(ldfa_model, enc, held):.4f}",
@@ -393,24 +393,24 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
 
 
 def pareto_table(rows: list[dict]) -> str:
-    """Markdown: per task, fine-tuning kind and configuration, means over seeds of LDFA and of
+    """Markdown: per task, fine-tuning kind, configuration and batch size, means over seeds of LDFA and of
     plain backprop from the same lockstep runs, the differences, and the step speed-up."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["task"], r["peft"], r["method"]), []).append(r)
+        groups.setdefault((r["task"], r["peft"], r["method"], r.get("batch_size", "")), []).append(r)
 
     def mean(cell, column):
         values = [float(r[column]) for r in cell if r[column] != ""]
         return statistics.mean(values) if values else None
 
-    lines = ["| task | fine-tuning | configuration | seeds | exact match (LDFA / backprop, diff) | "
-             "eval loss (LDFA / backprop, diff) | step speed-up |", "|---|---|---|---|---|---|---|"]
-    for (task, peft, method), cell in groups.items():
+    lines = ["| task | fine-tuning | configuration | batch | seeds | exact match (LDFA / backprop, diff) | "
+             "eval loss (LDFA / backprop, diff) | step speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for (task, peft, method, batch), cell in groups.items():
         em, bp_em = mean(cell, "exact_match"), mean(cell, "bp_exact_match")
         loss, bp_loss = mean(cell, "eval_loss"), mean(cell, "bp_eval_loss")
         em_text = f"{100 * em:.1f}% / {100 * bp_em:.1f}% ({100 * (em - bp_em):+.1f})" if em is not None else ""
         loss_text = f"{loss:.4f} / {bp_loss:.4f} ({100 * (loss / bp_loss - 1):+.1f}%)"
-        lines.append(f"| {task} | {peft} | {method} | {len(cell)} | {em_text} | {loss_text} | "
+        lines.append(f"| {task} | {peft} | {method} | {batch} | {len(cell)} | {em_text} | {loss_text} | "
                      f"{statistics.median(float(r['speedup']) for r in cell):.2f}× |")
     return "\n".join(lines)
 
@@ -499,11 +499,11 @@ def main(argv=None) -> None:
     if args.tiny:
         args.steps, args.batch_size = min(args.steps, 4), min(args.batch_size, 4)
     args.out = out_path(args.out, "llm_sft.csv", args.tiny)
-    table = ResultTable(args.out, FIELDS, key=["task", "peft", "method", "seed", "steps"])
+    table = ResultTable(args.out, FIELDS, key=["task", "peft", "method", "seed", "steps", "batch_size"])
     curve_path = os.path.join(os.path.dirname(args.out), "llm_sft_curve.csv")
     curves = ResultTable(curve_path, CURVE_FIELDS, key=["task", "peft", "method", "seed", "step"])
-    cells = [{"task": args.task, "peft": args.peft, "method": m, "seed": s, "steps": args.steps}
-             for m in args.methods for s in args.seeds]
+    cells = [{"task": args.task, "peft": args.peft, "method": m, "seed": s, "steps": args.steps,
+              "batch_size": args.batch_size} for m in args.methods for s in args.seeds]
     branch_table = ResultTable(os.path.join(os.path.dirname(args.out), "llm_sft_branches.csv"), BRANCH_FIELDS,
                                key=["task", "peft", "method", "seed", "branch"])
     for cell in table.missing(cells):
