@@ -7,7 +7,10 @@ measured under the same machine load. Loss is on the completion tokens only.
 Tasks (our own, made from a seed, so nothing is downloaded):
 - ``arith``: "What is 417 + 385?" → "802", scored by exact match of the greedy answer;
 - ``sort``: "Sort: 42 7 19 88" → "7 19 42 88", exact match;
-- ``pydoc``: domain adaptation on Python's own documentation text, scored by eval loss.
+- ``pydoc``: domain adaptation on Python's own documentation text, scored by eval loss;
+- ``docs``: instruction following in chat format on real text, "In one sentence, what does
+  `heapq.merge` do in Python?" → the first sentence of its docstring (~2,200 standard-library
+  names; 100 held out), scored by held-out loss on the answers.
 
 Methods: ``lora`` (backprop), ``finetune`` (``LDFAConfig.for_finetuning()``, nothing tuned per
 task), or a variant string: a rule name and words such as ``r32``, ``head`` (the LM head left
@@ -50,6 +53,10 @@ CURVE_FIELDS = ["task", "peft", "method", "seed", "step", "seconds", "eval_loss"
 
 
 # -- tasks --------------------------------------------------------------------------------------
+TASKS = ("arith", "sort", "pydoc", "docs")
+DOCS_HELD = 100  # the docs task's held-out questions (a run holds out at most its first 100 examples)
+
+
 def task_examples(task: str, n: int, seed: int) -> list[tuple[str, str]]:
     """(prompt, answer) pairs, reproducible from ``seed``."""
     rng = random.Random(seed)
@@ -71,8 +78,17 @@ def task_examples(task: str, n: int, seed: int) -> list[tuple[str, str]]:
         chunk = 48
         for i in range(0, min(len(words), n * chunk), chunk):
             out.append(("", " ".join(words[i:i + chunk])))
+    elif task == "docs":  # instruction following on real text: a standard-library name → its docstring's summary
+        from .data import python_api_docs
+
+        docs = list(python_api_docs())
+        rng.shuffle(docs)
+        pairs = [(f"In one sentence, what does `{name}` do in Python?", sentence) for name, sentence in docs]
+        held, rest = pairs[:DOCS_HELD], pairs[DOCS_HELD:]  # the first ones are never repeated: held out
+        out = held + [rest[i % len(rest)] for i in range(max(0, n - DOCS_HELD))]
+        out = out[:n]
     else:
-        raise ValueError(f"unknown task {task!r}; choose arith, sort or pydoc")
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     return out
 
 
@@ -373,7 +389,7 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
                               "train_loss": f"{statistics.mean(recent):.4f}"})
     warm = slice(min(3, steps - 1), None)
     bp_step, ldfa_step = statistics.median(times["bp"][warm]), statistics.median(times["ldfa"][warm])
-    scored = task != "pydoc"
+    scored = task in ("arith", "sort")  # pydoc and docs are scored by held-out loss
     result = {
         "task": task, "peft": peft, "method": method, "seed": seed, "steps": steps, "batch_size": batch_size,
         "tokens_per_step": round(statistics.mean(tokens)),
@@ -482,7 +498,7 @@ def plot_time_to_quality(rows: list[dict], path: str, results: list[dict] | None
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", default="arith", choices=["arith", "sort", "pydoc"])
+    parser.add_argument("--task", default="arith", choices=TASKS)
     parser.add_argument("--methods", nargs="+", default=["finetune"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=150)

@@ -9,12 +9,12 @@ or offline from the package registry: ``ldfa_hf.pretrained``).
     python integrations/trl_sft.py --steps 100                  # LoRA + LDFA
     python integrations/trl_sft.py --steps 100 --no-ldfa        # plain LoRA, to compare
     python integrations/trl_sft.py --steps 100 --resume         # continue from the last checkpoint
+    python integrations/trl_sft.py --steps 100 --task docs      # instruction following on real text
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 
 import torch
 
@@ -22,17 +22,17 @@ import ldfa_hf
 from ldfa_hf import LDFACallback, LDFAConfig
 
 
-def arithmetic(n: int, seed: int = 0):
-    """A prompt-completion chat data set: "What is 417 + 385?" → "802"."""
+def chat_dataset(task: str, n: int, seed: int = 0):
+    """A conversational prompt-completion data set of ``benchmarks.llm_sft``'s tasks: ``arith``
+    ("What is 417 + 385?" → "802") or ``docs`` (a standard-library name → the first sentence of
+    its docstring, real text)."""
     from datasets import Dataset
 
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(100, 999), rng.randint(100, 999)
-        rows.append({"prompt": [{"role": "user", "content": f"What is {a} + {b}? Answer with the number only."}],
-                     "completion": [{"role": "assistant", "content": str(a + b)}]})
-    return Dataset.from_list(rows)
+    from benchmarks.llm_sft import task_examples
+
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": prompt}],
+                               "completion": [{"role": "assistant", "content": answer}]}
+                              for prompt, answer in task_examples(task, n, seed)])
 
 
 def main(argv=None):
@@ -48,6 +48,8 @@ def main(argv=None):
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--save-steps", type=int, default=50)
+    parser.add_argument("--task", default="arith", choices=["arith", "docs"],
+                        help="arithmetic, or instruction following on Python's docstrings")
     parser.add_argument("--examples", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ldfa", action="store_true", help="plain LoRA with backprop")
@@ -63,7 +65,7 @@ def main(argv=None):
                        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="constant",
                        logging_steps=min(10, args.steps), save_steps=args.save_steps, report_to="none", seed=args.seed,
                        completion_only_loss=True, bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())
-    trainer = SFTTrainer(model=model, args=config, train_dataset=arithmetic(args.examples, args.seed),
+    trainer = SFTTrainer(model=model, args=config, train_dataset=chat_dataset(args.task, args.examples, args.seed),
                          processing_class=tokenizer,
                          peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"))

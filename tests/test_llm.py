@@ -157,3 +157,22 @@ def test_llm_sft_branch_words_and_the_dropbp_baseline():
     rates = llm_sft.dropbp_rates(model, plugin, batch, 0.5)
     assert rates.shape == (4,) and abs(float(rates.mean()) - 0.5) < 1e-6
     assert all(p.grad is None for p in model.parameters())  # the measurement leaves no gradient behind
+
+
+def test_docs_task_is_real_instruction_data_whose_held_out_questions_are_never_trained_on(tmp_path):
+    from benchmarks import llm_sft
+    from benchmarks.data import python_api_docs
+    from integrations.trl_sft import chat_dataset
+
+    examples = llm_sft.task_examples("docs", 3000, seed=0)  # more than there are: the training part repeats
+    held, train = examples[:llm_sft.DOCS_HELD], examples[llm_sft.DOCS_HELD:]
+    assert len(set(held)) == llm_sft.DOCS_HELD and not set(held) & set(train)
+    assert len(set(train)) == len(python_api_docs()) - llm_sft.DOCS_HELD
+    assert ("In one sentence, what does `heapq.merge` do in Python?",
+            "Merge multiple sorted inputs into a single sorted output.") in examples
+    row = chat_dataset("docs", 2)[0]
+    assert [m["role"] for m in row["prompt"]] == ["user"] and [m["role"] for m in row["completion"]] == ["assistant"]
+    llm_sft.main(["--tiny", "--task", "docs", "--methods", "finetune", "--out", str(tmp_path / "docs.csv")])
+    with open(tmp_path / "docs.csv") as fh:
+        (result,) = list(csv.DictReader(fh))
+    assert result["task"] == "docs" and result["exact_match"] == "" and float(result["eval_loss"]) > 0
