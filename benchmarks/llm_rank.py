@@ -5,12 +5,13 @@ The paper's thesis: the error a network sends down lives in a space about as wid
 so rank r ≈ classes suffices. Two measurements per task, both cheap (no training run):
 
 - **the error's width**: in an exact backward, the residual stream's error at each block's output
-  (every token of a batch) and the number of singular directions holding 90% of its energy
+  (every token of 64 examples) and the number of singular directions holding 90% of its energy
   (``r90``); if the thesis holds on an LLM, r90 stays near the number of classes at every depth;
 - **gradient fidelity**: LDFA on every linear layer (nothing exact) at ranks 1–64, the cosine
-  between its trainable-parameter gradient and backprop's on a held-out batch, over all of them
-  and per block (as ``llm_gradients`` does for SFT), after a few exact steps (so the head and the
-  adapters are not at their initialisation) and three steps of the rule's own statistics.
+  between its gradient and backprop's on a held-out batch, over the trainable parameters of all
+  blocks (the head trains exactly whatever the feedback, and would dominate) and per block (as
+  ``llm_gradients`` does for SFT), after a few exact steps (so the head and the adapters are not
+  at their initialisation) and three steps of the rule's own statistics.
 
     python -m benchmarks.llm_rank                       # every task, both fine-tuning kinds
     python -m benchmarks.llm_rank --tasks sentiment --pefts lora --ranks 2 8
@@ -73,7 +74,12 @@ def error_widths(model, batch: dict, labels, task: str) -> list[int]:
     return [r90(captured[i][mask]) for i in sorted(captured)]
 
 
-def measure(task: str, peft: str, rules, ranks, tiny: bool, warm_steps: int = 6, batch_size: int = 8) -> list[dict]:
+def measure(task: str, peft: str, rules, ranks, tiny: bool, warm_steps: int = 6, batch_size: int = 8,
+            width_batch: int = 64) -> list[dict]:
+    """The rows of one task and fine-tuning kind: r90 per block (on ``width_batch`` examples, so
+    that the top block's width, one scored token a row, is not capped by the batch), then per rule
+    and rank the cosine over all blocks' trainable parameters (``block="blocks"``: the head, trained
+    exactly whatever the feedback, and the embeddings are left out) and per block."""
     train, _, outputs = task_data(task, seed=7)
     base, tokenizer = classifier(tiny, outputs)
     model = with_peft(base, peft, seed=0).train()
@@ -85,8 +91,9 @@ def measure(task: str, peft: str, rules, ranks, tiny: bool, warm_steps: int = 6,
         optimizer.zero_grad(set_to_none=True)
     held, held_y = batches[-1]
     common = {"task": task, "classes": outputs if task != "reward" else 1, "peft": peft}
+    wide, wide_y = encode(tokenizer, train[-width_batch:], task)
     rows = [{**common, "rule": "r90", "rank": "", "block": str(i), "value": str(w)}
-            for i, w in enumerate(error_widths(model, held, held_y, task))]
+            for i, w in enumerate(error_widths(model, wide, wide_y, task))]
     loss_and_correct(model, held, held_y, task)[0].backward()
     exact = gradients(model)
     model.zero_grad(set_to_none=True)
@@ -103,31 +110,42 @@ def measure(task: str, peft: str, rules, ranks, tiny: bool, warm_steps: int = 6,
             model.zero_grad(set_to_none=True)
             plugin.detach()
             cell = {**common, "rule": rule, "rank": str(rank)}
-            rows.append({**cell, "block": "all", "value": f"{cosine(got, exact, list(exact)):.4f}"})
+            rows.append({**cell, "block": "blocks", "value": f"{cosine(got, exact, list(block_of)):.4f}"})
             for i in sorted(set(block_of.values())):
                 names = [n for n in exact if block_of.get(n) == i]
                 rows.append({**cell, "block": str(i), "value": f"{cosine(got, exact, names):.4f}"})
-            print(f"{task} {peft} {rule} r{rank}: cosine {rows[-len(set(block_of.values())) - 1]['value']}", flush=True)
+            print(f"{task} {peft} {rule} r{rank}: cosine over the blocks {rows[-len(set(block_of.values())) - 1]['value']}",
+                  flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: per task and fine-tuning kind, the error's width (r90: its median over blocks and
-    its range) and the gradient cosine at each rank (all trainable parameters)."""
+    """Markdown: per task and fine-tuning kind, the error's width (r90) at the top block, two
+    thirds and one third of the way up, and the bottom; then per rule the gradient cosine at each
+    rank, over all blocks' trainable parameters / over the top third of the blocks."""
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault((r["task"], r["classes"], r["peft"]), []).append(r)
     ranks = sorted({int(r["rank"]) for r in rows if r["rank"]})
     rules = sorted({r["rule"] for r in rows if r["rule"] != "r90"})
-    lines = ["| task | classes | fine-tuning | error width r90 (median, range over blocks) | rule | "
-             + " | ".join(f"cos r{k}" for k in ranks) + " |", "|---|---|---|---|---|" + "---|" * len(ranks)]
+    lines = ["| task | classes | fine-tuning | error width r90, top → bottom block | rule | "
+             + " | ".join(f"r={k}" for k in ranks) + " |", "|---|---|---|---|---|" + "---|" * len(ranks)]
     for (task, classes, peft), cell in cells.items():
-        widths = [int(r["value"]) for r in cell if r["rule"] == "r90"]
-        width = f"{statistics.median(widths):.0f} ({min(widths)}–{max(widths)})" if widths else ""
+        widths = [int(r["value"]) for r in sorted((r for r in cell if r["rule"] == "r90"), key=lambda r: int(r["block"]))]
+        n = len(widths)
+        width = " → ".join(str(widths[i]) for i in (n - 1, 2 * n // 3, n // 3, 0)) if n else ""
         for rule in rules:
-            cos = {int(r["rank"]): r["value"] for r in cell if r["rule"] == rule and r["block"] == "all"}
-            lines.append(f"| {task} | {classes} | {peft} | {width} | {rule} | "
-                         + " | ".join(cos.get(k, "") for k in ranks) + " |")
+            mine = [r for r in cell if r["rule"] == rule]
+            blocks = sorted({int(r["block"]) for r in mine if r["block"].isdigit()})
+            top = blocks[len(blocks) * 2 // 3:]
+
+            def at(rank: int) -> str:
+                here = [r for r in mine if r["rank"] == str(rank)]
+                whole = next((r["value"] for r in here if r["block"] == "blocks"), None)
+                upper = [float(r["value"]) for r in here if r["block"].isdigit() and int(r["block"]) in top]
+                return f"{float(whole):.2f} / {statistics.mean(upper):.2f}" if whole and upper else ""
+
+            lines.append(f"| {task} | {classes} | {peft} | {width} | {rule} | " + " | ".join(at(k) for k in ranks) + " |")
     return "\n".join(lines)
 
 
@@ -144,13 +162,13 @@ def plot(rows: list[dict], path: str) -> str:
             left.plot(*zip(*depth), marker=".", label=f"{task} ({classes} classes), {peft}")
         for rule in sorted({r["rule"] for r in rows if r["rule"] != "r90"}):
             points = sorted((int(r["rank"]), float(r["value"])) for r in rows if (r["task"], r["peft"], r["rule"])
-                            == (task, peft, rule) and r["block"] == "all")
+                            == (task, peft, rule) and r["block"] == "blocks")
             if points:
                 right.plot(*zip(*points), marker="o", ls="-" if peft == "lora" else "--",
                            label=f"{task} ({classes}), {peft}, {rule}")
     left.set(xlabel="block", ylabel="r90 of the residual error (directions)", yscale="log",
              title="width of the error an exact backward sends")
-    right.set(xlabel="feedback rank r", ylabel="cosine to backprop's gradient", xscale="log",
+    right.set(xlabel="feedback rank r", ylabel="cosine to backprop's gradient (all blocks)", xscale="log",
               title="LDFA on every layer: gradient fidelity")
     left.legend(fontsize=7)
     right.legend(fontsize=6)

@@ -59,7 +59,7 @@ def test_rank_measurement_bp_is_exact_in_every_block_and_r90_counts_directions(t
     rows = llm_rank.main(["--tiny", "--tasks", "sentiment", "--pefts", "lora", "--rules", "bp", "fixed",
                           "--ranks", "1", "--out", str(tmp_path / "rank.csv")])
     bp = [float(r["value"]) for r in rows if r["rule"] == "bp"]
-    assert len(bp) == 1 + 2 and all(v == pytest.approx(1.0, abs=1e-4) for v in bp)  # all, block 0, block 1
+    assert len(bp) == 1 + 2 and all(v == pytest.approx(1.0, abs=1e-4) for v in bp)  # all blocks, block 0, block 1
     assert any(float(r["value"]) < 0.999 for r in rows if r["rule"] == "fixed")
     assert [r["block"] for r in rows if r["rule"] == "r90"] == ["0", "1"]
     low_rank = torch.randn(50, 3) @ torch.randn(3, 20)
