@@ -30,7 +30,6 @@ import copy
 import os
 import random
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +38,7 @@ import ldfa_hf
 
 from . import data
 from .harness import ResultTable, out_path
-from .llm_sft import LR, config_for, cut_below, plot_time_to_quality, time_to_quality, tiny_llama
+from .llm_sft import LR, config_for, cut_below, lockstep, plot_time_to_quality, time_to_quality, tiny_llama
 
 TASKS = ("sentiment", "topics", "plays", "reward")
 FIELDS = ["task", "peft", "method", "seed", "steps", "batch_size", "tokens_per_step", "accuracy", "eval_loss",
@@ -169,18 +168,7 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
         chunk = [train[(step * batch_size + i) % len(train)] for i in range(batch_size)]
         batch, y = encode(tokenizer, chunk, task)
         tokens.append(int(batch["attention_mask"].sum()))
-        for key in (("bp", "ldfa") if step % 2 == 0 else ("ldfa", "bp")):  # alternate who goes first
-            model, opt = models[key], opts[key]
-            start = time.perf_counter()
-            loss, _ = loss_and_correct(model, batch, y, task)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if key == "ldfa":
-                plugin.step()
-            elapsed = time.perf_counter() - start
-            times[key].append(elapsed)
-            clock[key] += elapsed
+        lockstep(models, opts, plugin, step, lambda model: loss_and_correct(model, batch, y, task)[0], times, clock)
         bar.set_postfix(bp=f"{times['bp'][-1]:.2f}s", ldfa=f"{times['ldfa'][-1]:.2f}s")
         if curve is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             for key, model in models.items():  # evaluation is outside the clocks

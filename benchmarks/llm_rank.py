@@ -30,6 +30,7 @@ import torch
 import ldfa_hf
 
 from .harness import ResultTable, _pyplot, out_path, save_figure
+from .llm_gradients import cosine, lora_grads as gradients
 from .llm_classify import LR, classifier, encode, loss_and_correct, task_data, with_peft
 
 FIELDS = ["task", "classes", "peft", "rule", "rank", "block", "value"]
@@ -39,16 +40,6 @@ TASKS = ("sentiment", "topics", "plays")
 def blocks_of(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.model.layers
-
-
-def gradients(model) -> dict:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-
-
-def cosine(a: dict, b: dict, names) -> float:
-    x = torch.cat([a[n].flatten() for n in names])
-    y = torch.cat([b[n].flatten() for n in names])
-    return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
 
 
 def r90(error: torch.Tensor) -> int:

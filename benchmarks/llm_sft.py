@@ -326,6 +326,27 @@ def cut_below(model, method: str):
 LR = {"lora": 1e-3, "qlora": 1e-3, "full": 5e-5}  # the usual orders of magnitude for adapters vs all weights
 
 
+def lockstep(models: dict, opts: dict, plugin, step: int, loss_of, times: dict, clock: dict) -> dict:
+    """One optimizer step of plain backprop (``"bp"``) and of the LDFA model (``"ldfa"``, then
+    ``plugin.step()``) on the same batch, who goes first alternating with ``step``: each step's
+    time lands in ``times`` and ``clock``; returns each model's training loss."""
+    losses = {}
+    for key in (("bp", "ldfa") if step % 2 == 0 else ("ldfa", "bp")):
+        model, opt = models[key], opts[key]
+        start = time.perf_counter()
+        loss = loss_of(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if key == "ldfa":
+            plugin.step()
+        elapsed = time.perf_counter() - start
+        times[key].append(elapsed)
+        clock[key] += elapsed
+        losses[key] = loss.item()
+    return losses
+
+
 def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: float | None, tiny: bool,
         peft: str = "lora", n_eval: int = 100, curve: list | None = None, eval_every: int = 0) -> dict:
     """One lockstep run; ``curve`` (if given) receives held-out loss against each model's own step clock."""
@@ -367,19 +388,8 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
     for step in bar:
         batch = enc.batch([train[i] for i in order[step * batch_size:(step + 1) * batch_size]])
         tokens.append(int(batch["attention_mask"].sum()))
-        for key in (("bp", "ldfa") if step % 2 == 0 else ("ldfa", "bp")):  # alternate who goes first
-            model, opt = models[key], opts[key]
-            start = time.perf_counter()
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if key == "ldfa":
-                plugin.step()
-            elapsed = time.perf_counter() - start
-            times[key].append(elapsed)
-            clock[key] += elapsed
-            losses[key].append(loss.item())
+        for key, loss in lockstep(models, opts, plugin, step, lambda model: model(**batch).loss, times, clock).items():
+            losses[key].append(loss)
         bar.set_postfix(bp=f"{times['bp'][-1]:.2f}s", ldfa=f"{times['ldfa'][-1]:.2f}s")
         if curve is not None and eval_every and (step == 0 or (step + 1) % eval_every == 0 or step + 1 == steps):
             for key, model in models.items():  # evaluation is outside the clocks
