@@ -38,7 +38,7 @@ import ldfa_hf
 
 from . import data
 from .harness import ResultTable, out_path
-from .llm_sft import LR, config_for, cut_below, lockstep, plot_time_to_quality, time_to_quality, tiny_llama
+from .llm_sft import LR, config_for, cut_below, lockstep, plot_time_to_quality, time_to_quality, tiny_llama, with_lora
 
 TASKS = ("sentiment", "topics", "plays", "reward")
 FIELDS = ["task", "peft", "method", "seed", "steps", "batch_size", "tokens_per_step", "accuracy", "eval_loss",
@@ -124,18 +124,9 @@ def classifier(tiny: bool, outputs: int):
     return model, tokenizer
 
 
-def with_peft(model, peft: str, seed: int, r: int = 8):
-    """LoRA r=8 on every linear layer with the head trained in full (PEFT's ``SEQ_CLS`` task type
-    puts ``score`` in ``modules_to_save``), or every weight trainable (``full``)."""
-    from peft import LoraConfig, get_peft_model
-
-    if peft == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    torch.manual_seed(seed)
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear",
-                                            task_type="SEQ_CLS"))
+def with_peft(model, peft: str, seed: int):
+    """LoRA r=8 on every linear layer with the head trained in full, or every weight (``full``)."""
+    return with_lora(model, peft, seed, task_type="SEQ_CLS")
 
 
 # -- the lockstep run ---------------------------------------------------------------------------

@@ -21,7 +21,6 @@ so rank r ≈ classes suffices. Two measurements per task, both cheap (no traini
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 
@@ -32,14 +31,10 @@ import ldfa_hf
 from .harness import ResultTable, _pyplot, out_path, save_figure
 from .llm_gradients import cosine, lora_grads as gradients
 from .llm_classify import LR, classifier, encode, loss_and_correct, task_data, with_peft
+from .llm_sft import blocks_of
 
 FIELDS = ["task", "classes", "peft", "rule", "rank", "block", "value"]
 TASKS = ("sentiment", "topics", "plays")
-
-
-def blocks_of(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.layers
 
 
 def r90(error: torch.Tensor) -> int:

@@ -215,7 +215,9 @@ def tiny_llama(width: int = 32):
     return LlamaForCausalLM(config), tok
 
 
-def with_lora(model, peft: str, seed: int, r: int = 8):
+def with_lora(model, peft: str, seed: int, r: int = 8, task_type: str = "CAUSAL_LM"):
+    """LoRA r on every linear layer (``SEQ_CLS``: the head trained in full too, PEFT putting it in
+    ``modules_to_save``), or every weight trainable (``full``)."""
     from peft import LoraConfig, get_peft_model
 
     if peft == "full":
@@ -224,7 +226,7 @@ def with_lora(model, peft: str, seed: int, r: int = 8):
         return model
     torch.manual_seed(seed)
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear",
-                                            task_type="CAUSAL_LM"))
+                                            task_type=task_type))
 
 
 def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
@@ -305,6 +307,12 @@ def dropbp_rates(model, plugin, batch: dict, mean: float) -> torch.Tensor:
     return allocation.sensitivity_rates(torch.tensor(sensitivity, dtype=torch.float64), mean)
 
 
+def blocks_of(model):
+    """The decoder blocks of a Llama-style model, under PEFT's wrapper or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
 def cut_below(model, method: str):
     """``cut10`` in a method: blocks 0–9 get no gradient at all (their input is detached at block 10),
     so their adapters do not train and their backward never runs. The baseline LDFA has to beat:
@@ -312,7 +320,7 @@ def cut_below(model, method: str):
     cuts = [int(w[3:]) for w in method.split() if w.startswith("cut") and w[3:].isdigit()]
     if not cuts:
         return None
-    blocks = model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers
+    blocks = blocks_of(model)
 
     def detach(module, args, kwargs):
         if args:

@@ -182,10 +182,9 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
                      f"the scored tokens{seen}")
     elif frozen_or_trained:
         scores = classifier_head(model)
-        name, module, kind = next(((n, m, k) for n, m, k in frozen_or_trained if scores and m is scores[1]),
-                                  frozen_or_trained[-1])  # else the output layer: the last linear layer that runs
+        name, module = scores or frozen_or_trained[-1][:2]  # else the output layer: the last linear layer that runs
         lines.append(f"  {'classification head' if scores else 'output layer'}: {name} "
-                     f"({' x '.join(map(str, kind.shape(module)))}), "
+                     f"({' x '.join(map(str, kind_of(module).shape(module)))}), "
                      + ("LDFA feedback" if id(module) in targeted else "exact backprop"))
     if plugin.branches:
         views = list(plugin.branches.values())

@@ -22,7 +22,8 @@ from .config import AUTO_REFRESH_FALLBACK, LDFAConfig, LDFAWarning
 from .feedback import FeedbackHook, Switch
 from .linalg import factor_generator
 from .rules import make_rule
-from .targets import Target, classifier_head, existing_hook_owner, find_targets, unmatched_rank_patterns
+from .targets import (Target, classifier_head, existing_hook_owner, find_targets, sequence_classifier,
+                      unmatched_rank_patterns)
 from .zero_rows import ZeroRowSkipping, output_layer
 
 STATE_NAME = "ldfa_state.safetensors"
@@ -604,18 +605,18 @@ def _check_classifier(model: nn.Module) -> None:
     """A sequence classifier (a reward model too) scores each row at its last non-pad token, which
     it finds through ``config.pad_token_id``: without one it fails on the first batch of two rows.
     Said before anything is attached, with the fix."""
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is None or not type(module).__name__.endswith("ForSequenceClassification"):
-            continue
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        if getattr(text, "pad_token_id", None) is None:
-            raise ValueError(
-                f"{type(module).__name__} has no pad_token_id, so it cannot find each row's last token in a padded "
-                "batch; set model.config.pad_token_id = tokenizer.pad_token_id (tokenizer.pad_token = "
-                "tokenizer.eos_token if it has none) before wrapping")
-        break
-    classifier_head(model)  # raises when a sequence classifier's head is not found
+    found = sequence_classifier(model)
+    if found is None:
+        return
+    classifier = found[1]
+    config = classifier.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "pad_token_id", None) is None:
+        raise ValueError(
+            f"{type(classifier).__name__} has no pad_token_id, so it cannot find each row's last token in a padded "
+            "batch; set model.config.pad_token_id = tokenizer.pad_token_id (tokenizer.pad_token = "
+            "tokenizer.eos_token if it has none) before wrapping")
+    classifier_head(model)  # raises when the head is not found
 
 
 def compiled_code_sees_hooks() -> None:

@@ -94,22 +94,29 @@ def unused_copies(model: nn.Module) -> set:
 CLASSIFIER_HEADS = ("score", "classifier", "classification_head")
 
 
+def sequence_classifier(model: nn.Module) -> Optional[tuple[str, nn.Module]]:
+    """``(name, module)`` of the transformers ``*ForSequenceClassification`` in ``model`` (not
+    PEFT's wrapper of it), or ``None``."""
+    return next(((n, m) for n, m in model.named_modules()
+                 if type(m).__name__.endswith("ForSequenceClassification") and not type(m).__name__.startswith("Peft")),
+                None)
+
+
 def classifier_head(model: nn.Module) -> Optional[tuple[str, nn.Module]]:
     """``(name, layer)``: the linear layer that gives a sequence classifier (or reward model) its
     scores, the copy that runs for a PEFT ``modules_to_save`` head; ``None`` if the model is not a
     ``*ForSequenceClassification``. One whose head is none of ``CLASSIFIER_HEADS``, or holds no
     linear layer, is refused: ``summary()`` and ``exact_top`` would describe the wrong layer."""
-    found = next(((n, m) for n, m in model.named_modules()  # the transformers model, not PEFT's wrapper of it
-                  if type(m).__name__.endswith("ForSequenceClassification") and not type(m).__name__.startswith("Peft")),
-                 None)
+    found = sequence_classifier(model)
     if found is None:
         return None
     prefix, classifier = found
     attr = next((a for a in CLASSIFIER_HEADS if isinstance(getattr(classifier, a, None), nn.Module)), None)
-    unused = unused_copies(model)
-    head = f"{prefix}.{attr}" if prefix and attr else attr
-    linears = [(n, m) for n, m in model.named_modules() if attr and (n == head or n.startswith(head + "."))
-               and n not in unused and "lora_" not in n and (isinstance(m, (nn.Linear, *_CONV1D)))]
+    linears = []
+    if attr is not None:
+        unused = unused_copies(model)
+        linears = [(n, m) for n, m in getattr(classifier, attr).named_modules(prefix=f"{prefix}.{attr}" if prefix else attr)
+                   if n not in unused and "lora_" not in n and isinstance(m, (nn.Linear, *_CONV1D))]
     if not linears:
         raise ValueError(
             f"LDFA cannot find the head of {type(classifier).__name__}: it looked for a linear layer in "
