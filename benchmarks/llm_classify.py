@@ -159,7 +159,7 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
         chunk = [train[(step * batch_size + i) % len(train)] for i in range(batch_size)]
         batch, y = encode(tokenizer, chunk, task)
         tokens.append(int(batch["attention_mask"].sum()))
-        lockstep(models, opts, plugin, step, lambda model: loss_and_correct(model, batch, y, task)[0], times, clock)
+        lockstep(models, opts, {"ldfa": plugin}, step, lambda model: loss_and_correct(model, batch, y, task)[0], times, clock)
         bar.set_postfix(bp=f"{times['bp'][-1]:.2f}s", ldfa=f"{times['ldfa'][-1]:.2f}s")
         if curve is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             for key, model in models.items():  # evaluation is outside the clocks

@@ -19,7 +19,13 @@ exact), ``head256`` (the head's feedback at rank 256), ``od`` (o_proj and down_p
 the layers exact), ``dense`` (the exact head multiplies every row of its error, also the zero
 ones: ``skip_zero_rows=False``), ``cut10`` (no gradient at all below block 10: LoRA on the top
 blocks only, the baseline), ``every8``, ``rows32``, ``frac0.25`` (``sampled``: the share of rows made
-exact).
+exact); for residual-branch skipping ``skip0.5`` (``skip_branches``), ``tail``, ``bridge32``,
+``unbiased``, an allocation (``sensitivity``, ``uniform``, ``depth``, ``bottom``) or ``dropbp`` (the
+DropBP baseline's rates, ``dropbp_rates``).
+
+The methods a seed still lacks train side by side in one lockstep run against one plain LoRA
+(each takes a step in turn, the order rotating), so every method's step-time ratio is measured
+under the same load.
 
 ``--peft`` picks LoRA r=8 on all linear layers (default), QLoRA (the same adapters on an nf4
 bitsandbytes base loaded with ``BitsAndBytesConfig``) or full fine-tuning (every weight trains).
@@ -268,7 +274,7 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             settings["branch_unbiased"] = True
         elif word == "dropbp":  # the DropBP baseline: rates from its gradient-change sensitivity (dropbp_rates)
             settings["branch_allocation"] = "uniform"  # no taps; the rates are replaced once measured
-        elif word in ("uniform", "depth", "sensitivity"):  # how the branch rates are allocated
+        elif word in ("uniform", "depth", "sensitivity", "bottom"):  # how the branch rates are allocated
             settings["branch_allocation"] = word
         elif word.startswith("decay"):
             options["decay"] = float(word[5:])
@@ -334,19 +340,20 @@ def cut_below(model, method: str):
 LR = {"lora": 1e-3, "qlora": 1e-3, "full": 5e-5}  # the usual orders of magnitude for adapters vs all weights
 
 
-def lockstep(models: dict, opts: dict, plugin, step: int, loss_of, times: dict, clock: dict) -> dict:
-    """One optimizer step of plain backprop (``"bp"``) and of the LDFA model (``"ldfa"``, then
-    ``plugin.step()``) on the same batch, who goes first alternating with ``step``: each step's
-    time lands in ``times`` and ``clock``; returns each model's training loss."""
+def lockstep(models: dict, opts: dict, plugins: dict, step: int, loss_of, times: dict, clock: dict) -> dict:
+    """One optimizer step of each model on the same batch (then ``plugins[key].step()`` for an LDFA
+    model), the order rotating with ``step`` so that no model always goes first: each step's time
+    lands in ``times`` and ``clock``; returns each model's training loss."""
     losses = {}
-    for key in (("bp", "ldfa") if step % 2 == 0 else ("ldfa", "bp")):
-        model, opt = models[key], opts[key]
+    keys = list(models)
+    for key in keys[step % len(keys):] + keys[:step % len(keys)]:
+        model, opt, plugin = models[key], opts[key], plugins.get(key)
         start = time.perf_counter()
         loss = loss_of(model)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if key == "ldfa":
+        if plugin is not None:
             plugin.step()
         elapsed = time.perf_counter() - start
         times[key].append(elapsed)
@@ -355,75 +362,84 @@ def lockstep(models: dict, opts: dict, plugin, step: int, loss_of, times: dict, 
     return losses
 
 
-def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: float | None, tiny: bool,
-        peft: str = "lora", n_eval: int = 100, curve: list | None = None, eval_every: int = 0) -> dict:
-    """One lockstep run; ``curve`` (if given) receives held-out loss against each model's own step clock."""
+def run(task: str, methods, seed: int, steps: int, batch_size: int, lr: float | None, tiny: bool,
+        peft: str = "lora", n_eval: int = 100, curve: list | None = None, eval_every: int = 0) -> list[dict]:
+    """One lockstep run of plain LoRA and every method in ``methods`` (a string: one method) from the
+    same weights and adapters on the same batches; a result row per method, its step-time ratio
+    against the plain LoRA of the same run. ``curve`` (if given) receives each model's held-out loss
+    against its own step clock."""
     import copy
 
     from tqdm import tqdm
 
+    methods = [methods] if isinstance(methods, str) else list(methods)
     lr = LR[peft] if lr is None else lr
     base, tok = base_model(tiny, peft)
     enc = Encoder(tok)
     examples = task_examples(task, steps * batch_size + n_eval, seed=1000 + seed)
     train, held = examples[n_eval:], examples[:n_eval]
-    twin = base_model(tiny, peft)[0] if peft == "qlora" else copy.deepcopy(base)  # 4-bit weights: load again
-    bp_model = with_lora(twin, peft, seed)
-    ldfa_model = with_lora(base, peft, seed)
-    trainable = {n: p for n, p in bp_model.named_parameters() if p.requires_grad}
-    ldfa_model.load_state_dict(trainable, strict=False)  # the same adapters (4-bit state is not copied)
-    plugin = ldfa_hf.wrap(ldfa_model, config_for(method, base.config.num_hidden_layers))
-    if "dropbp" in method.split():
-        ldfa_model.train()
-        rates = dropbp_rates(ldfa_model, plugin, enc.batch(train[:batch_size]), plugin.config.skip_branches)
-        plugin.branch_rates = lambda: rates  # the baseline's fixed rates, in place of the plugin's allocation
-        plugin._schedule()
-    cut = cut_below(ldfa_model, method)
-    models = {"bp": bp_model, "ldfa": ldfa_model}
+    models = {"backprop": with_lora(base_model(tiny, peft)[0] if peft == "qlora" else copy.deepcopy(base), peft, seed)}
+    trainable = {n: p for n, p in models["backprop"].named_parameters() if p.requires_grad}
+    plugins, cuts = {}, []
+    for i, method in enumerate(methods):  # 4-bit weights cannot be deep-copied: load them again
+        twin = base if i == len(methods) - 1 else (base_model(tiny, peft)[0] if peft == "qlora" else copy.deepcopy(base))
+        model = models[method] = with_lora(twin, peft, seed)
+        model.load_state_dict(trainable, strict=False)  # the same adapters (4-bit state is not copied)
+        plugins[method] = ldfa_hf.wrap(model, config_for(method, base.config.num_hidden_layers))
+        if "dropbp" in method.split():
+            model.train()
+            rates = dropbp_rates(model, plugins[method], enc.batch(train[:batch_size]), plugins[method].config.skip_branches)
+            plugins[method].branch_rates = lambda rates=rates: rates  # the baseline's fixed rates
+            plugins[method]._schedule()
+        cuts.append(cut_below(model, method))
     for model in models.values():
         model.train()  # from_pretrained returns eval mode, in which LDFA gathers no statistics
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
             for k, m in models.items()}
-    times = {"bp": [], "ldfa": []}
-    clock = {"bp": 0.0, "ldfa": 0.0}
-    losses: dict[str, list] = {"bp": [], "ldfa": []}
-    labels = {"bp": "backprop", "ldfa": method}
+    times: dict[str, list] = {k: [] for k in models}
+    clock = {k: 0.0 for k in models}
+    losses: dict[str, list] = {k: [] for k in models}
     tokens = []
     rng = random.Random(seed)
     order = list(range(len(train)))
     rng.shuffle(order)
-    bar = tqdm(range(steps), desc=f"{task} {peft} {method} seed {seed}", disable=tiny)
+    bar = tqdm(range(steps), desc=f"{task} {peft} {' | '.join(methods)} seed {seed}", disable=tiny)
     for step in bar:
         batch = enc.batch([train[i] for i in order[step * batch_size:(step + 1) * batch_size]])
         tokens.append(int(batch["attention_mask"].sum()))
-        for key, loss in lockstep(models, opts, plugin, step, lambda model: model(**batch).loss, times, clock).items():
+        for key, loss in lockstep(models, opts, plugins, step, lambda model: model(**batch).loss, times, clock).items():
             losses[key].append(loss)
-        bar.set_postfix(bp=f"{times['bp'][-1]:.2f}s", ldfa=f"{times['ldfa'][-1]:.2f}s")
+        bar.set_postfix({("lora" if k == "backprop" else f"m{i}"): f"{times[k][-1]:.2f}s" for i, k in enumerate(models)})
         if curve is not None and eval_every and (step == 0 or (step + 1) % eval_every == 0 or step + 1 == steps):
             for key, model in models.items():  # evaluation is outside the clocks
                 recent = losses[key][-eval_every:]
-                curve.append({"task": task, "peft": peft, "method": labels[key], "seed": seed, "step": step + 1,
-                              "seconds": f"{clock[key]:.2f}", "eval_loss": f"{eval_loss(model, enc, held[:32]):.4f}",
+                curve.append({"task": task, "peft": peft, "method": key, "seed": seed,
+                              "step": step + 1, "seconds": f"{clock[key]:.2f}",
+                              "eval_loss": f"{eval_loss(model, enc, held[:32]):.4f}",
                               "train_loss": f"{statistics.mean(recent):.4f}"})
     warm = slice(min(3, steps - 1), None)
-    bp_step, ldfa_step = statistics.median(times["bp"][warm]), statistics.median(times["ldfa"][warm])
+    step_s = {k: statistics.median(v[warm]) for k, v in times.items()}
     scored = task in ("arith", "sort")  # pydoc and docs are scored by held-out loss
-    result = {
-        "task": task, "peft": peft, "method": method, "seed": seed, "steps": steps, "batch_size": batch_size,
-        "tokens_per_step": round(statistics.mean(tokens)),
-        "exact_match": f"{exact_match(ldfa_model, enc, held):.4f}" if scored else "",
-        "eval_loss": f"{eval_loss(ldfa_model, enc, held):.4f}",
-        "bp_exact_match": f"{exact_match(bp_model, enc, held):.4f}" if scored else "",
-        "bp_eval_loss": f"{eval_loss(bp_model, enc, held):.4f}",
-        "step_s": f"{ldfa_step:.3f}", "bp_step_s": f"{bp_step:.3f}", "speedup": f"{bp_step / ldfa_step:.3f}",
-    }
-    result["branches"] = [{"task": task, "peft": peft, "method": method, "seed": seed, "branch": name,
-                           "role": b.role, "depth": b.depth, "gain": f"{b.gain:.4f}", "rate": f"{b.rate:.3f}",
-                           "exact_backwards": b.exact_backwards} for name, b in plugin.branches.items()]
-    plugin.detach()
-    if cut is not None:
-        cut.remove()
-    return result
+    score = {k: (f"{exact_match(m, enc, held):.4f}" if scored else "", f"{eval_loss(m, enc, held):.4f}")
+             for k, m in models.items()}
+    rows = []
+    for method in methods:
+        plugin = plugins[method]
+        rows.append({
+            "task": task, "peft": peft, "method": method, "seed": seed, "steps": steps, "batch_size": batch_size,
+            "tokens_per_step": round(statistics.mean(tokens)),
+            "exact_match": score[method][0], "eval_loss": score[method][1],
+            "bp_exact_match": score["backprop"][0], "bp_eval_loss": score["backprop"][1],
+            "step_s": f"{step_s[method]:.3f}", "bp_step_s": f"{step_s['backprop']:.3f}",
+            "speedup": f"{step_s['backprop'] / step_s[method]:.3f}",
+            "branches": [{"task": task, "peft": peft, "method": method, "seed": seed, "branch": name, "role": b.role,
+                          "depth": b.depth, "gain": f"{b.gain:.4f}", "rate": f"{b.rate:.3f}",
+                          "exact_backwards": b.exact_backwards} for name, b in plugin.branches.items()]})
+        plugin.detach()
+    for cut in cuts:
+        if cut is not None:
+            cut.remove()
+    return rows
 
 
 def pareto_table(rows: list[dict]) -> str:
@@ -540,17 +556,21 @@ def main(argv=None) -> None:
               "batch_size": args.batch_size} for m in args.methods for s in args.seeds]
     branch_table = ResultTable(os.path.join(os.path.dirname(args.out), "llm_sft_branches.csv"), BRANCH_FIELDS,
                                key=["task", "peft", "method", "seed", "branch"])
-    for cell in table.missing(cells):
+    for seed in args.seeds:  # the methods a seed still lacks run side by side against one plain LoRA
+        todo = [c["method"] for c in table.missing(cells) if c["seed"] == seed]
+        if not todo:
+            continue
         curve: list[dict] = []
-        row = run(args.task, cell["method"], cell["seed"], args.steps, args.batch_size, args.lr, args.tiny,
-                  args.peft, n_eval=8 if args.tiny else 100, curve=curve, eval_every=args.curve)
-        for branch in row.pop("branches"):  # each branch's measured gain and final rate (skip_branches)
-            branch_table.add(branch)
-        table.add(row)
+        rows = run(args.task, todo, seed, args.steps, args.batch_size, args.lr, args.tiny, args.peft,
+                   n_eval=8 if args.tiny else 100, curve=curve, eval_every=args.curve)
+        for row in rows:
+            for branch in row.pop("branches"):  # each branch's measured gain and final rate (skip_branches)
+                branch_table.add(branch)
+            table.add(row)
+            print(f"  {row['method']}: " + ", ".join(f"{k}={row[k]}" for k in (
+                "exact_match", "bp_exact_match", "eval_loss", "bp_eval_loss", "speedup")), flush=True)
         for point in curves.missing(curve):  # the bp side of an earlier run of the same seed is kept
             curves.add(point)
-        print("  " + ", ".join(f"{k}={row[k]}" for k in ("exact_match", "bp_exact_match", "eval_loss",
-                                                          "bp_eval_loss", "speedup")), flush=True)
     print(pareto_table(table.rows))
     if curves.rows:
         print(time_to_quality(curves.rows, table.rows))

@@ -26,6 +26,13 @@ def uniform_rates(n: int, mean: float) -> Tensor:
     return torch.full((n,), float(mean), dtype=torch.float64)
 
 
+def bottom_rates(n: int, mean: float) -> Tensor:
+    """The bottom ``round(mean · n)`` branches (bottom first) skip on every step, the rest never."""
+    rates = torch.zeros(n, dtype=torch.float64)
+    rates[:round(mean * n)] = 1.0
+    return rates
+
+
 def depth_rates(depths: Tensor, mean: float, cap: float = MAX_SKIP) -> Tensor:
     """Falling linearly from the bottom block to 0 at the top, averaging ``mean`` (capped)."""
     top = float(depths.max()) if depths.numel() else 0.0

@@ -310,6 +310,8 @@ class LDFAPlugin:
         mean, how = self.config.skip_branches, self.config.branch_allocation
         if how == "uniform":
             return allocation.uniform_rates(len(hooks), mean)
+        if how == "bottom":
+            return allocation.bottom_rates(len(hooks), mean)
         if how == "depth":
             return allocation.depth_rates(torch.tensor([h.depth for h in hooks]), mean)
         gains = torch.tensor([gain(self._pooled[h.name]) for h in hooks], dtype=torch.float64)

@@ -305,6 +305,42 @@ def test_a_learning_tail_trains_the_output_projection_of_a_skipped_branch():
     assert mlp.up_proj.lora_A.default.weight.grad is None
 
 
+def test_bottom_allocation_is_a_fixed_cut_whose_tails_learn():
+    """branch_allocation="bottom": the bottom share of the branches skips on every step (the same
+    draw whatever the seed or step); with tails their output projections still train, from the
+    error the residual stream carries down: the same gradients as a cut made by hand."""
+    from peft import LoraConfig, get_peft_model
+
+    rates = allocation.bottom_rates(6, 0.5)
+    assert rates.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert all(allocation.draw(rates, seed, step).tolist() == [True] * 3 + [False] * 3
+               for seed in (0, 7) for step in range(50))
+
+    def lora():
+        return get_peft_model(tiny_llama(3), LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+
+    reference, model = lora(), lora()
+    model.load_state_dict(reference.state_dict())
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="bp", skip_branches=0.5, branch_allocation="bottom", branch_tail=True))
+    assert [b.mode for b in plugin.branches.values()] == ["skip"] * 3 + ["exact"] * 3
+    skipped = {n for n, b in plugin.branches.items() if b.mode == "skip"}
+    layers = reference.base_model.model.model.layers
+    for block, role in [(0, "attention"), (0, "mlp"), (1, "attention")]:
+        branch = layers[block].self_attn if role == "attention" else layers[block].mlp
+        tail = branch.o_proj if role == "attention" else branch.down_proj
+        tail.register_forward_pre_hook(lambda m, a: (a[0].detach(),))
+    assert {f"base_model.model.model.layers.{b}.{r}" for b, r in [(0, "attention"), (0, "mlp"), (1, "attention")]} == skipped
+    reference(**batch()).loss.backward()
+    model(**batch()).loss.backward()
+    assert_same_grads(grads(model), grads(reference))
+    bottom = model.base_model.model.model.layers[0]
+    assert bottom.self_attn.o_proj.lora_B.default.weight.grad is not None
+    assert bottom.self_attn.q_proj.lora_A.default.weight.grad is None
+    assert bottom.mlp.gate_proj.lora_A.default.weight.grad is None
+    plugin.step()
+    assert [b.mode for b in plugin.branches.values()] == ["skip"] * 3 + ["exact"] * 3
+
+
 def test_unbiased_branches_average_to_backprops_input_error():
     """branch_unbiased: over the draws, the error reaching the embeddings' output equals autograd's
     (an exact branch sends 1/(1-p) of its input error, a skipped one none)."""

@@ -81,6 +81,8 @@ def test_llm_sft_tiny_writes_a_resumable_csv(tmp_path):
     llm_sft.main(["--tiny", "--methods", "finetune", "calibrated r4 exact0.5", "--out", str(out), "--curve", "2"])
     rows = list(csv.DictReader(open(out)))
     assert [r["method"] for r in rows] == ["finetune", "calibrated r4 exact0.5"]
+    # one plain LoRA side by side with both methods: the same baseline in both rows
+    assert rows[0]["bp_eval_loss"] == rows[1]["bp_eval_loss"] and rows[0]["bp_step_s"] == rows[1]["bp_step_s"]
     assert all(float(r["speedup"]) > 0 and float(r["eval_loss"]) > 0 for r in rows)
     curve = list(csv.DictReader(open(tmp_path / "llm_sft_curve.csv")))
     # steps 1, 2, 4 of each LDFA run, and of backprop once (the same seed's backprop run is not repeated)
