@@ -25,15 +25,23 @@ class BranchSpec(NamedTuple):
 _PRE_NORM_DECODER = BranchSpec(r"layers\.\d+", {"attention": ("input_layernorm", "self_attn", "self_attn.o_proj"),
                                                 "mlp": ("post_attention_layernorm", "mlp", "mlp.down_proj")})
 
+_POST_NORM_ENCODER = BranchSpec(r"layer\.\d+", {"attention": ("attention.self", "attention.output.dense",
+                                                               "attention.output.dense"),
+                                                 "mlp": ("intermediate", "output.dense", "output.dense")})
+
 # a family whose module names changed across transformers versions lists one spec per layout
 BRANCH_MAPPINGS: dict[str, Union[BranchSpec, tuple]] = {
     **{family: _PRE_NORM_DECODER for family in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
                                                 "phi3", "olmo", "olmo2", "granite", "smollm3")},
     "gpt2": BranchSpec(r"h\.\d+", {"attention": ("ln_1", "attn", "attn.c_proj"), "mlp": ("ln_2", "mlp", "mlp.c_proj")}),
+    "gpt_neox": BranchSpec(r"layers\.\d+", {"attention": ("input_layernorm", "attention", "attention.dense"),
+                                             "mlp": ("post_attention_layernorm", "mlp", "mlp.dense_4h_to_h")}),
+    # OPT's MLP is not a module: its branch ends at fc2, which is also its output projection
+    "opt": BranchSpec(r"layers\.\d+", {"attention": ("self_attn_layer_norm", "self_attn", "self_attn.out_proj"),
+                                        "mlp": ("final_layer_norm", "fc2", "fc2")}),
     # post-norm: the residual add and LayerNorm sit in the output module's parent, outside the branch
-    "bert": BranchSpec(r"layer\.\d+", {"attention": ("attention.self", "attention.output.dense",
-                                                     "attention.output.dense"),
-                                       "mlp": ("intermediate", "output.dense", "output.dense")}),
+    **{family: _POST_NORM_ENCODER for family in ("bert", "roberta", "xlm-roberta", "camembert", "electra",
+                                                 "deberta-v2")},
     "vit": (BranchSpec(r"layers\.\d+", {"attention": ("layernorm_before", "attention", "attention.o_proj"),
                                        "mlp": ("layernorm_after", "mlp", "mlp.fc2")}),  # transformers 5
             BranchSpec(r"layer\.\d+", {"attention": ("layernorm_before", "attention.output.dense",  # 4.x

@@ -35,7 +35,36 @@ def tiny(family):
     if family == "vit":
         return tf.ViTForImageClassification(tf.ViTConfig(image_size=8, patch_size=4, hidden_size=32, num_hidden_layers=2,
                                                          num_attention_heads=4, intermediate_size=64, num_labels=3))
+    if family in ("roberta", "electra", "deberta-v2"):
+        config = {"roberta": tf.RobertaConfig, "electra": tf.ElectraConfig, "deberta-v2": tf.DebertaV2Config}[family]
+        model_class = {"roberta": tf.RobertaForSequenceClassification, "electra": tf.ElectraForSequenceClassification,
+                       "deberta-v2": tf.DebertaV2ForSequenceClassification}[family]
+        return model_class(config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=40, **(
+                                      {"embedding_size": 32} if family == "electra" else {})))
+    if family == "gpt_neox":
+        return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                      num_attention_heads=4, intermediate_size=64,
+                                                      max_position_embeddings=32))
+    if family == "opt":
+        return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                              num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=32,
+                                              dropout=0.0))  # OPT's dropout is functional
     return tiny_llama(2)
+
+
+FAMILIES = ["llama", "gpt2", "bert", "vit", "roberta", "electra", "deberta-v2", "gpt_neox", "opt"]
+
+
+def inputs(family, seed=0):
+    """A batch with a loss for the family's tiny model: causal LM, sequence classifier or image classifier."""
+    generator = torch.Generator().manual_seed(seed)
+    if family == "vit":
+        return {"pixel_values": torch.randn(2, 3, 8, 8, generator=generator), "labels": torch.tensor([0, 2])}
+    ids = torch.randint(3, 64, (2, 10), generator=generator)
+    if family in ("bert", "roberta", "electra", "deberta-v2"):
+        return {"input_ids": ids, "labels": torch.tensor([0, 1])}
+    return {"input_ids": ids, "labels": ids}
 
 
 def batch(seed=0):
@@ -61,13 +90,44 @@ def no_hooks_left(model):
     return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "vit"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_supported_family_has_its_two_branches_per_block(family):
     model = tiny(family)
     branches = find_branches(model)
     assert [b.role for b in branches] == ["attention", "mlp"] * 2
     assert [b.depth for b in branches] == [0, 0, 1, 1]
     assert all(b.input_module is not b.output_module for b in branches)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_measures_its_branches_and_skips_them_as_a_cut_by_hand(family):
+    """Exact: autograd's gradients, and every branch's input tap pairs with its output tap (a gain is
+    measured, so the input module really is where the branch starts). Skipped: the gradients of the
+    same model with that branch's output detached by hand, and its own weights get none."""
+    reference, model = tiny(family), tiny(family)
+    model.load_state_dict(reference.state_dict())
+    for m in (reference, model):  # training mode, dropout off: both deterministic
+        m.train()
+        for module in m.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="bp", skip_branches=0.5))
+    reference(**inputs(family)).loss.backward()
+    model(**inputs(family)).loss.backward()
+    assert_same_grads(grads(model), grads(reference), atol=1e-6)
+    plugin.step()
+    assert all(b.gain > 0 for b in plugin.branches.values()), {n: b.gain for n, b in plugin.branches.items()}
+    reference.zero_grad(set_to_none=True), model.zero_grad(set_to_none=True)
+    bottom_mlp = [n for n in plugin.branches if plugin.branches[n].depth == 0 and plugin.branches[n].role == "mlp"]
+    _force(plugin, ["exact", "skip", "exact", "exact"])
+    _cut_by_hand(reference, set(bottom_mlp))
+    reference(**inputs(family)).loss.backward()
+    model(**inputs(family)).loss.backward()
+    assert_same_grads(grads(model), grads(reference), atol=1e-6)
+    skipped = plugin._branches[bottom_mlp[0]].branch.output_module
+    assert all(p.grad is None for p in skipped.parameters())
+    plugin.detach()
+    assert no_hooks_left(model)
 
 
 def test_peft_wrapped_model_finds_the_same_branches():
