@@ -131,7 +131,8 @@ class ResultTable:
             writer.writerows(self.rows)
 
     def _key(self, row: dict) -> tuple:
-        return tuple(str(row[k]) for k in self.key)
+        """A row's key; a column the row's file did not have yet counts as blank."""
+        return tuple("" if row.get(k) is None else str(row[k]) for k in self.key)
 
     def missing(self, cells: list[dict]) -> list[dict]:
         have = {self._key(r) for r in self.rows}

@@ -38,12 +38,12 @@ import ldfa_hf
 
 from . import data
 from .harness import ResultTable, out_path
-from .llm_sft import LR, config_for, cut_below, lockstep, plot_time_to_quality, time_to_quality, tiny_llama, with_lora
+from .llm_sft import LR, RUN, config_for, cut_below, lockstep, plot_time_to_quality, time_to_quality, tiny_llama, with_lora
 
 TASKS = ("sentiment", "topics", "plays", "reward")
 FIELDS = ["task", "peft", "method", "seed", "steps", "batch_size", "tokens_per_step", "accuracy", "eval_loss",
           "bp_accuracy", "bp_eval_loss", "step_s", "bp_step_s", "speedup"]
-CURVE_FIELDS = ["task", "peft", "method", "seed", "step", "seconds", "eval_loss", "accuracy"]
+CURVE_FIELDS = ["task", "peft", "method", "seed", "steps", "batch_size", "step", "seconds", "eval_loss", "accuracy"]
 MAX_TOKENS = 96
 
 
@@ -164,7 +164,8 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
         if curve is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             for key, model in models.items():  # evaluation is outside the clocks
                 accuracy, loss_value = evaluate(model, tokenizer, held[:128], task)
-                curve.append({"task": task, "peft": peft, "method": labels[key], "seed": seed, "step": step + 1,
+                curve.append({"task": task, "peft": peft, "method": labels[key], "seed": seed, "steps": steps,
+                              "batch_size": batch_size, "step": step + 1,
                               "seconds": f"{clock[key]:.2f}", "eval_loss": f"{loss_value:.4f}",
                               "accuracy": f"{accuracy:.4f}"})
     warm = slice(min(3, steps - 1), None)
@@ -223,7 +224,7 @@ def main(argv=None) -> list[dict]:
     args.out = out_path(args.out, "llm_classify.csv", args.tiny)
     results = ResultTable(args.out, FIELDS, key=["task", "peft", "method", "seed", "steps", "batch_size"])
     curve_path = os.path.join(os.path.dirname(args.out), "llm_classify_curve.csv")
-    curves = ResultTable(curve_path, CURVE_FIELDS, key=["task", "peft", "method", "seed", "step"])
+    curves = ResultTable(curve_path, CURVE_FIELDS, key=RUN + ["step"])
     cells = [{"task": args.task, "peft": args.peft, "method": m, "seed": s, "steps": args.steps,
               "batch_size": args.batch_size} for m in args.methods for s in args.seeds]
     for cell in results.missing(cells):

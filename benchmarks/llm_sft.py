@@ -55,7 +55,8 @@ from .harness import ResultTable, out_path
 FIELDS = ["task", "peft", "method", "seed", "steps", "batch_size", "tokens_per_step", "exact_match", "eval_loss",
           "bp_exact_match", "bp_eval_loss", "step_s", "bp_step_s", "speedup"]
 BRANCH_FIELDS = ["task", "peft", "method", "seed", "branch", "role", "depth", "gain", "rate", "exact_backwards"]
-CURVE_FIELDS = ["task", "peft", "method", "seed", "step", "seconds", "eval_loss", "train_loss"]
+CURVE_FIELDS = ["task", "peft", "method", "seed", "steps", "batch_size", "step", "seconds", "eval_loss", "train_loss"]
+RUN = ["task", "peft", "method", "seed", "steps", "batch_size"]  # what names one run (of a method, or its plain LoRA)
 
 
 # -- tasks --------------------------------------------------------------------------------------
@@ -413,8 +414,8 @@ def run(task: str, methods, seed: int, steps: int, batch_size: int, lr: float | 
         if curve is not None and eval_every and (step == 0 or (step + 1) % eval_every == 0 or step + 1 == steps):
             for key, model in models.items():  # evaluation is outside the clocks
                 recent = losses[key][-eval_every:]
-                curve.append({"task": task, "peft": peft, "method": key, "seed": seed,
-                              "step": step + 1, "seconds": f"{clock[key]:.2f}",
+                curve.append({"task": task, "peft": peft, "method": key, "seed": seed, "steps": steps,
+                              "batch_size": batch_size, "step": step + 1, "seconds": f"{clock[key]:.2f}",
                               "eval_loss": f"{eval_loss(model, enc, held[:32]):.4f}",
                               "train_loss": f"{statistics.mean(recent):.4f}"})
     warm = slice(min(3, steps - 1), None)
@@ -465,66 +466,91 @@ def pareto_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def reached_at(points: list[tuple], target: float):
+    """The first step at which a curve of (step, loss) points reaches ``target``, interpolated
+    linearly between the two points around the crossing; None if it never does."""
+    previous = None
+    for step, loss in sorted(points):
+        if loss <= target:
+            if previous is None or previous[1] == loss:
+                return float(step)
+            (s0, l0) = previous
+            return s0 + (l0 - target) / (l0 - loss) * (step - s0)
+        previous = (step, loss)
+    return None
+
+
 def time_to_quality(curve: list[dict], results: list[dict]) -> str:
     """Markdown: per lockstep run, the step at which the method's held-out loss first reached plain
-    LoRA's final one (curve points only), and the time-to-quality speed-up that makes with the
-    run's own step-time ratio: ``(plain LoRA's steps × its step time) / (the method's steps × its
-    step time)``. Steps do not depend on the machine's load and the ratio was measured side by
-    side, so runs made at different times compare."""
+    LoRA's final one (interpolated between curve points), and the time-to-quality speed-up that
+    makes with the run's own step-time ratio: ``(plain LoRA's steps × its step time) / (the
+    method's steps × its step time)``. Steps do not depend on the machine's load and the ratio was
+    measured side by side, so runs made at different times compare. A run is named by task,
+    fine-tuning kind, method, seed, steps and batch size (a curve written before the last two were
+    recorded matches on the first four)."""
     points: dict[tuple, list] = {}
     for r in curve:
-        points.setdefault((r["task"], r["peft"], r["method"], str(r["seed"])), []).append(
-            (int(r["step"]), float(r["eval_loss"])))
+        points.setdefault(tuple(str(r.get(k) or "") for k in RUN), []).append((int(r["step"]), float(r["eval_loss"])))
+
+    def curve_of(row: dict, method: str) -> list:
+        key = tuple(str(row.get(k) or "") for k in RUN)
+        key = key[:2] + (method,) + key[3:]
+        return sorted(points.get(key) or points.get(key[:4] + ("", ""), []))
+
     lines = ["| task | fine-tuning | method | seed | plain LoRA's final held-out loss (step) | method reaches it at step | "
              "step speed-up | time-to-quality speed-up |", "|---|---|---|---|---|---|---|---|"]
     for row in results:
-        key = (row["task"], row["peft"], row["method"], str(row["seed"]))
-        bp, mine = sorted(points.get((key[0], key[1], "backprop", key[3]), [])), sorted(points.get(key, []))
+        bp, mine = curve_of(row, "backprop"), curve_of(row, row["method"])
         if not bp or not mine:
             continue
         last, target = bp[-1]
-        reached = next((step for step, loss in mine if loss <= target), None)
+        reached = reached_at(mine, target)
         speed = float(row["speedup"])
         ttq = f"{last / reached * speed:.2f}×" if reached else f"not reached (final {mine[-1][1]:.4f})"
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {target:.4f} ({last}) | {reached or '-'} | "
-                     f"{speed:.2f}× | {ttq} |")
+        lines.append(f"| {row['task']} | {row['peft']} | {row['method']} | {row['seed']} | {target:.4f} ({last}) | "
+                     f"{f'{reached:.0f}' if reached else '-'} | {speed:.2f}× | {ttq} |")
     return "\n".join(lines)
 
 
 def plot_time_to_quality(rows: list[dict], path: str, results: list[dict] | None = None) -> str:
     """Held-out loss against training time, one panel per task and fine-tuning kind, one line per
-    method and seed. With ``results`` the time is steps × the run's median step time (plain LoRA:
-    the median over the runs of that seed), so that runs made under different machine loads share
-    one clock (plain LoRA's from the drawn runs of that seed); without, each model's own recorded
-    seconds."""
+    method: the mean over its seeds at each evaluated step. With ``results`` the time is steps ×
+    the method's median step time over those runs (plain LoRA: its median over the same runs), so
+    that runs made under different machine loads share one clock; without, each model's own
+    recorded seconds (averaged over seeds)."""
     from .harness import _pyplot, save_figure
 
     step_s: dict[tuple, float] = {}
     if results:
-        bp: dict[tuple, list] = {}
-        drawn = {(r["task"], r["peft"], r["method"], str(r["seed"])) for r in rows}
+        drawn = {tuple(str(r.get(k) or "") for k in RUN) for r in rows}
+        times: dict[tuple, list] = {}
         for r in results:
-            if (r["task"], r["peft"], r["method"], str(r["seed"])) not in drawn:
+            if tuple(str(r.get(k) or "") for k in RUN) not in drawn:
                 continue  # plain LoRA's step time from the runs whose curves are drawn
-            step_s[(r["task"], r["peft"], r["method"], str(r["seed"]))] = float(r["step_s"])
-            bp.setdefault((r["task"], r["peft"], "backprop", str(r["seed"])), []).append(float(r["bp_step_s"]))
-        step_s.update({key: statistics.median(values) for key, values in bp.items()})
+            times.setdefault((r["task"], r["peft"], r["method"]), []).append(float(r["step_s"]))
+            times.setdefault((r["task"], r["peft"], "backprop"), []).append(float(r["bp_step_s"]))
+        step_s = {key: statistics.median(values) for key, values in times.items()}
     plt = _pyplot()
     panels = sorted({(r["task"], r["peft"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     for ax, (task, peft) in zip(axes[0], panels):
-        lines: dict[str, list] = {}
+        lines: dict[str, dict] = {}
         for r in rows:
             if (r["task"], r["peft"]) == (task, peft):
-                per_step = step_s.get((task, peft, r["method"], str(r["seed"])))
+                per_step = step_s.get((task, peft, r["method"]))
                 x = int(r["step"]) * per_step if per_step else float(r["seconds"])
-                lines.setdefault(f"{r['method']} (seed {r['seed']})", []).append((x, float(r["eval_loss"])))
-        for label, points in sorted(lines.items()):
-            xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, "--" if label.startswith("backprop") else "-", marker=".", label=label, lw=1.2)
-        ax.set_xlabel("training seconds: steps × the run's median step time (2-core CPU)" if step_s
+                point = lines.setdefault(r["method"], {}).setdefault(int(r["step"]), [])
+                point.append((x, float(r["eval_loss"]), str(r["seed"])))
+        for method, by_step in sorted(lines.items(), key=lambda kv: (kv[0] != "backprop", kv[0])):
+            seeds = {seed for values in by_step.values() for _, _, seed in values}
+            xs = [statistics.mean(x for x, _, _ in by_step[k]) for k in sorted(by_step)]
+            ys = [statistics.mean(y for _, y, _ in by_step[k]) for k in sorted(by_step)]
+            ax.plot(xs, ys, "--" if method == "backprop" else "-", marker=".", lw=1.4,
+                    label=f"{'plain LoRA' if method == 'backprop' else method} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+        ax.set_xlabel("training seconds: steps × the median step time (2-core CPU)" if step_s
                       else "training seconds (2-core CPU, steps only)")
-        ax.set_ylabel("held-out loss")
+        ax.set_yscale("log")  # the methods part near the end, where the losses are small
+        ax.set_ylabel("held-out loss (mean over seeds, log scale)")
         ax.set_title(f"SmolLM2-135M {peft}: {task}")
         ax.legend(fontsize=7)
     return save_figure(fig, path)
@@ -551,7 +577,7 @@ def main(argv=None) -> None:
     args.out = out_path(args.out, "llm_sft.csv", args.tiny)
     table = ResultTable(args.out, FIELDS, key=["task", "peft", "method", "seed", "steps", "batch_size"])
     curve_path = os.path.join(os.path.dirname(args.out), "llm_sft_curve.csv")
-    curves = ResultTable(curve_path, CURVE_FIELDS, key=["task", "peft", "method", "seed", "step"])
+    curves = ResultTable(curve_path, CURVE_FIELDS, key=RUN + ["step"])
     cells = [{"task": args.task, "peft": args.peft, "method": m, "seed": s, "steps": args.steps,
               "batch_size": args.batch_size} for m in args.methods for s in args.seeds]
     branch_table = ResultTable(os.path.join(os.path.dirname(args.out), "llm_sft_branches.csv"), BRANCH_FIELDS,
@@ -574,7 +600,8 @@ def main(argv=None) -> None:
     print(pareto_table(table.rows))
     if curves.rows:
         print(time_to_quality(curves.rows, table.rows))
-        print("plot:", plot_time_to_quality(curves.rows, curve_path.replace(".csv", ".png"), table.rows))
+        drawn = [r for r in curves.rows if (r["steps"], r["batch_size"]) == (str(args.steps), str(args.batch_size))]
+        print("plot:", plot_time_to_quality(drawn or curves.rows, curve_path.replace(".csv", ".png"), table.rows))
     print(f"results: {args.out}")
 
 

@@ -26,7 +26,6 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Tra
                           TrainingArguments, set_seed)
 
 import ldfa_hf
-from ldfa_hf.config import FINETUNING
 from ldfa_hf.metrics import Accuracy
 
 from .data import load_pydoc_topics, load_shakespeare_genres, minilm_path
@@ -45,6 +44,8 @@ TASKS = {"genres": "Shakespeare genres", "pydoc": "Python-doc sections"}
 #   memoryB     fit each calibration to a running sum of sketches, decay B (rule_options={"memory": B}, e.g. memory0.5)
 #   exactF      exact_top=F: the top F of the layers keep exact backprop (with the rule and rank of
 #               LDFAConfig.for_finetuning(), its exact_top is that configuration)
+#   skipS       skip_branches=S; with bottom (branch_allocation="bottom") and tail (branch_tail=True), as
+#               LDFAConfig.for_finetuning() has them
 #   exact-head  pooler and classifier keep exact backprop (no residual path around them)
 #   mlp-only    LDFA on the MLP blocks only, attention exact
 TARGETS = {"exact-head": {"exclude_modules": r".*(pooler|classifier).*"},
@@ -62,6 +63,12 @@ def variant_settings(variant: str) -> tuple[dict, dict]:
             switches["memory"] = float(word[6:])
         elif word.startswith("exact") and word[5:].replace(".", "", 1).isdigit():
             config["exact_top"] = float(word[5:])
+        elif word.startswith("skip") and word[4:].replace(".", "", 1).isdigit():
+            config["skip_branches"] = float(word[4:])
+        elif word == "bottom":
+            config["branch_allocation"] = "bottom"
+        elif word == "tail":
+            config["branch_tail"] = True
         elif word in TARGETS:
             config.update(TARGETS[word])
         elif word in SWITCHES:
@@ -72,6 +79,9 @@ def variant_settings(variant: str) -> tuple[dict, dict]:
 
 
 def attach_variant(model, method: str, rank: int, seed: int, variant: str, refresh_every):
+    """``method`` "finetune" is ``LDFAConfig.for_finetuning()``; any other is a rule, changed by ``variant``."""
+    if method == "finetune":
+        return ldfa_hf.wrap(model, ldfa_hf.LDFAConfig.for_finetuning(seed=seed))
     config, options = variant_settings(variant)
     if options:
         config["rule_options"] = options
@@ -140,6 +150,12 @@ def backward_saving(mode: str, method: str, rank: int, variant: str, data, batch
     batch = {k: torch.tensor(v) for k, v in data["train"][:batch_size].items() if k in ("input_ids", "attention_mask", "label")}
     batch["labels"] = batch.pop("label")
     model(**batch).loss.backward()
+    if method == "finetune":  # skipped branches: the whole model's estimate counts them (and the exact layers)
+        from ldfa_hf.diagnostics import whole_model_cost
+
+        saved = whole_model_cost(plugin)["backward_saved"]
+        plugin.detach()
+        return saved
     cost = plugin.cost()
     ldfa = cost["backward_ldfa"]
     if plugin.config.rule == "calibrated":  # exact steps as counted in this run, the rest plain LDFA steps
@@ -184,9 +200,9 @@ def cells(modes: list[str], rank: int, seeds: int, variant_seeds: int = 1) -> li
         out += [(mode, "calibrated", 32, "errors " + v, 1) for v in ("every4", "every8", "every16", "every32")]
         out += [(mode, "calibrated", 32, "errors every8 " + v, 1) for v in ("warmup", "exact-head")]
         out += [(mode, "calibrated", r, "errors every8", 1) for r in (8, 64)]
-        out.append((mode, FINETUNING["rule"], FINETUNING["rank"], f"exact{FINETUNING['exact_top']:g}",
-                    variant_seeds))  # = LDFAConfig.for_finetuning()
-        out.append((mode, "calibrated", 32, "exact0.67", variant_seeds))  # the previous for_finetuning()
+        out.append((mode, "finetune", 0, "", variant_seeds))  # LDFAConfig.for_finetuning()
+        out.append((mode, "sampled", 32, "exact0.67", variant_seeds))  # v0.2.0's for_finetuning()
+        out.append((mode, "calibrated", 32, "exact0.67", variant_seeds))  # v0.1.0's
     if "full" in modes:
         out += [("full", "oja", rank, "", 1), ("full", "svd", 8 * rank, "", 1),
                 ("full", "calibrated", 32, "mlp-only", 1), ("full", "calibrated", 32, "errors every8 mlp-only", 1)]
@@ -266,6 +282,8 @@ def main(argv=None) -> list[dict]:
 def describe(method: str, rank: int, variant: str) -> str:
     if method == "bp":
         return "backprop"
+    if method == "finetune":
+        return "for_finetuning()"
     return f"{method} r={rank}" + (f" {variant}" if variant else "")
 
 

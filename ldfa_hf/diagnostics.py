@@ -167,13 +167,17 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
     groups: dict[tuple, list] = {}
     for name, view in layers.items():
         groups.setdefault((role(name), view.kind, view.shape, view.rank), []).append(name)
-    lines = [f"LDFA on {type(model).__name__}: {len(layers)} layers get rank-{config.rank} feedback "
-             f"(rule {config.rule!r}), {len(exact)} frozen or trained layers keep exact backprop"]
+    what = (f"run exact backprop through LDFA's hooks (rule {config.rule!r})" if rule.exact
+            else f"get rank-{config.rank} feedback (rule {config.rule!r})")
+    lines = [f"LDFA on {type(model).__name__}: {len(layers)} layers {what}, {len(exact)} frozen or trained layers "
+             "keep exact backprop"]
     schedule = rule.describe()
-    lines.append(f"  LDFA feedback:  {_where(list(layers)) or '-'}" + (f" ({schedule})" if schedule else ""))
+    lines.append(f"  {'LDFA hooks:    ' if rule.exact else 'LDFA feedback: '} {_where(list(layers)) or '-'}"
+                 + (f" ({schedule})" if schedule else ""))
     if exact:
-        lines.append(f"  exact backprop: {_where(exact)}" + (" (the top two thirds: exact_top="
-                                                           f"{config.exact_top})" if config.exact_top else ""))
+        lines.append(f"  exact backprop: {_where(exact)}" + (f" (the top {config.exact_top:.0%} of the targeted "
+                                                           f"layers: exact_top={config.exact_top})"
+                                                           if config.exact_top else ""))
     head = plugin._head
     if head is not None:
         m, n = head.module.weight.shape
@@ -188,10 +192,18 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
                      + ("LDFA feedback" if id(module) in targeted else "exact backprop"))
     if plugin.branches:
         views = list(plugin.branches.values())
-        lines.append(f"  residual branches: {len(views)} ({_where([v.name + '.' for v in views])}); each step skips "
-                     f"~{100 * config.skip_branches:.0f}% of their backward ({config.branch_allocation} rates, "
-                     f"{max(v.rate for v in views):.0%} at most)"
-                     + (f", bridged at rank {config.branch_bridge}" if config.branch_bridge else ""))
+        tails = ", their output projections' adapters still learning (branch_tail)" if config.branch_tail else ""
+        always = [v for v in views if v.rate >= 1.0]
+        if config.branch_allocation == "bottom" and always:
+            depths = sorted({v.depth for v in always})
+            lines.append(f"  residual branches: {len(views)} ({_where([v.name + '.' for v in views])}); the bottom "
+                         f"{len(always)} (blocks {depths[0]}-{depths[-1]}) skip their backward on every step{tails}; "
+                         "the LDFA layers inside them send no feedback")
+        else:
+            lines.append(f"  residual branches: {len(views)} ({_where([v.name + '.' for v in views])}); each step "
+                         f"skips ~{100 * config.skip_branches:.0f}% of their backward ({config.branch_allocation} "
+                         f"rates, {max(v.rate for v in views):.0%} at most){tails}"
+                         + (f", bridged at rank {config.branch_bridge}" if config.branch_bridge else ""))
     width = max([len(group_name(v)) for v in groups.values()] + [5])
     lines.append(f"{'count':>5}  {'LDFA layer':<{width}}  {'kind':<7} {'m x n':>13} {'rank':>5} {'feedback':>11}")
     feedback_params = 0

@@ -48,7 +48,7 @@ def test_exact_top_leaves_the_layers_nearest_the_output_exact():
 
 def test_summary_groups_same_role_layers_and_says_what_it_assumed():
     model = tiny_llama(layers=6)
-    plugin = ldfa_hf.wrap(model, LDFAConfig.for_finetuning(rank=8))
+    plugin = ldfa_hf.wrap(model, LDFAConfig.for_finetuning(rule="sampled", rank=8, exact_top=0.67, skip_branches=0.0))
     text = plugin.summary(print_fn=None)
     lines = text.splitlines()
     assert len(lines) < 15  # one line per role, not per layer
@@ -65,6 +65,21 @@ def test_summary_groups_same_role_layers_and_says_what_it_assumed():
     model(input_ids=ids, labels=ids).loss.backward()
     seen = plugin.summary(print_fn=None)
     assert "last training forward" in seen and "assumed" not in seen
+
+
+def test_summary_of_the_default_says_which_blocks_skip_and_counts_their_saving():
+    """for_finetuning(): the bottom half's branches skip on every step (their tails learn), the top
+    half is exact, and the estimate counts the skipped branches' linears as running no backward."""
+    model = tiny_llama(layers=6)
+    plugin = ldfa_hf.wrap(model, LDFAConfig.for_finetuning())
+    text = plugin.summary(print_fn=None, samples=512)
+    assert "run exact backprop through LDFA's hooks (rule 'bp')" in text and "LDFA hooks:     blocks 0-2" in text
+    assert "exact backprop: blocks 3-5, lm_head" in text
+    assert "the bottom 6 (blocks 0-2) skip their backward on every step, their output projections' adapters" in text
+    import re
+
+    saved = float(re.search(r"(-?[\d.]+)% fewer", text).group(1))
+    assert 40 < saved < 50  # the bottom 3 of 6 blocks' linears: about half, less the head's share
 
 
 def test_summary_never_prints_a_negative_saving():
@@ -178,3 +193,19 @@ def test_docs_task_is_real_instruction_data_whose_held_out_questions_are_never_t
     with open(tmp_path / "docs.csv") as fh:
         (result,) = list(csv.DictReader(fh))
     assert result["task"] == "docs" and result["exact_match"] == "" and float(result["eval_loss"]) > 0
+
+
+def test_time_to_quality_interpolates_and_matches_runs_by_steps_and_batch():
+    """The crossing is interpolated between curve points, and a method's run is compared with the
+    plain LoRA of its own run (same steps and batch size), not with a longer run of the same seed."""
+    from benchmarks import llm_sft
+
+    assert llm_sft.reached_at([(1, 1.0), (20, 0.5), (40, 0.2)], 0.3) == pytest.approx(33.33, abs=0.01)
+    assert llm_sft.reached_at([(1, 1.0), (20, 0.5)], 0.3) is None
+    run = {"task": "arith", "peft": "lora", "seed": "0", "batch_size": "16"}
+    curve = [{**run, "method": "backprop", "steps": "120", "step": "120", "eval_loss": "0.05"},  # a longer run
+             {**run, "method": "backprop", "steps": "80", "step": "80", "eval_loss": "0.30"},
+             {**run, "method": "m", "steps": "80", "step": "40", "eval_loss": "0.40"},
+             {**run, "method": "m", "steps": "80", "step": "60", "eval_loss": "0.20"}]
+    table = llm_sft.time_to_quality(curve, [{**run, "method": "m", "steps": "80", "speedup": "1.2"}])
+    assert "| 0.3000 (80) | 50 | 1.20× | 1.92× |" in table
