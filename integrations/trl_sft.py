@@ -54,7 +54,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ldfa", action="store_true", help="plain LoRA with backprop")
     parser.add_argument("--exact-top", type=float, default=None,
-                        help="override for_finetuning()'s exact_top (0 = LDFA on every layer)")
+                        help="override for_finetuning()'s exact_top")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
     args = parser.parse_args(argv)
 

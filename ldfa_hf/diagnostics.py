@@ -192,7 +192,7 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
                      + ("LDFA feedback" if id(module) in targeted else "exact backprop"))
     if plugin.branches:
         views = list(plugin.branches.values())
-        tails = ", their output projections' adapters still learning (branch_tail)" if config.branch_tail else ""
+        tails = ", their output projections still learning (branch_tail)" if config.branch_tail else ""
         always = [v for v in views if v.rate >= 1.0]
         if config.branch_allocation == "bottom" and always:
             depths = sorted({v.depth for v in always})
