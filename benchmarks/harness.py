@@ -99,6 +99,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return metric.compute()["accuracy"]
 
 
+def row_key(row: dict, columns: list[str]) -> tuple:
+    """A row's ``columns`` as strings; a column the row's file did not have yet counts as blank."""
+    return tuple("" if row.get(k) is None else str(row[k]) for k in columns)
+
+
 class ResultTable:
     """A CSV of finished cells: a re-run skips every cell already in it, so long sweeps can be interrupted."""
 
@@ -131,8 +136,7 @@ class ResultTable:
             writer.writerows(self.rows)
 
     def _key(self, row: dict) -> tuple:
-        """A row's key; a column the row's file did not have yet counts as blank."""
-        return tuple("" if row.get(k) is None else str(row[k]) for k in self.key)
+        return row_key(row, self.key)
 
     def missing(self, cells: list[dict]) -> list[dict]:
         have = {self._key(r) for r in self.rows}

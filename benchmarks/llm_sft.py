@@ -50,13 +50,17 @@ import torch
 import ldfa_hf
 
 from . import floor  # noqa: F401  (registers rule="floor", zero feedback, for the Pareto table)
-from .harness import ResultTable, out_path
+from .harness import ResultTable, out_path, row_key
 
 FIELDS = ["task", "peft", "method", "seed", "steps", "batch_size", "tokens_per_step", "exact_match", "eval_loss",
           "bp_exact_match", "bp_eval_loss", "step_s", "bp_step_s", "speedup"]
 BRANCH_FIELDS = ["task", "peft", "method", "seed", "branch", "role", "depth", "gain", "rate", "exact_backwards"]
 CURVE_FIELDS = ["task", "peft", "method", "seed", "steps", "batch_size", "step", "seconds", "eval_loss", "train_loss"]
 RUN = ["task", "peft", "method", "seed", "steps", "batch_size"]  # what names one run (of a method, or its plain LoRA)
+
+
+def run_key(row: dict) -> tuple:
+    return row_key(row, RUN)
 
 
 # -- tasks --------------------------------------------------------------------------------------
@@ -490,11 +494,10 @@ def time_to_quality(curve: list[dict], results: list[dict]) -> str:
     recorded matches on the first four)."""
     points: dict[tuple, list] = {}
     for r in curve:
-        points.setdefault(tuple(str(r.get(k) or "") for k in RUN), []).append((int(r["step"]), float(r["eval_loss"])))
+        points.setdefault(run_key(r), []).append((int(r["step"]), float(r["eval_loss"])))
 
     def curve_of(row: dict, method: str) -> list:
-        key = tuple(str(row.get(k) or "") for k in RUN)
-        key = key[:2] + (method,) + key[3:]
+        key = run_key({**row, "method": method})
         return sorted(points.get(key) or points.get(key[:4] + ("", ""), []))
 
     lines = ["| task | fine-tuning | method | seed | plain LoRA's final held-out loss (step) | method reaches it at step | "
@@ -522,10 +525,10 @@ def plot_time_to_quality(rows: list[dict], path: str, results: list[dict] | None
 
     step_s: dict[tuple, float] = {}
     if results:
-        drawn = {tuple(str(r.get(k) or "") for k in RUN) for r in rows}
+        drawn = {run_key(r) for r in rows}
         times: dict[tuple, list] = {}
         for r in results:
-            if tuple(str(r.get(k) or "") for k in RUN) not in drawn:
+            if run_key(r) not in drawn:
                 continue  # plain LoRA's step time from the runs whose curves are drawn
             times.setdefault((r["task"], r["peft"], r["method"]), []).append(float(r["step_s"]))
             times.setdefault((r["task"], r["peft"], "backprop"), []).append(float(r["bp_step_s"]))
