@@ -20,8 +20,9 @@ the layers exact), ``dense`` (the exact head multiplies every row of its error, 
 ones: ``skip_zero_rows=False``), ``cut10`` (no gradient at all below block 10: LoRA on the top
 blocks only, the baseline), ``every8``, ``rows32``, ``frac0.25`` (``sampled``: the share of rows made
 exact); for residual-branch skipping ``skip0.5`` (``skip_branches``), ``tail``, ``bridge32``,
-``unbiased``, an allocation (``sensitivity``, ``uniform``, ``depth``, ``bottom``) or ``dropbp`` (the
-DropBP baseline's rates, ``dropbp_rates``).
+``unbiased``, an allocation (``sensitivity``, ``uniform``, ``depth``, ``bottom``), ``dropbp`` (the
+DropBP baseline's rates, ``dropbp_rates``) or ``mlp`` / ``attention`` (only the bottom share of that
+kind of branch skips, ``skip_role``).
 
 The methods a seed still lacks train side by side in one lockstep run against one plain LoRA
 (each takes a step in turn, the order rotating), so every method's step-time ratio is measured
@@ -281,6 +282,8 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             settings["branch_allocation"] = "uniform"  # no taps; the rates are replaced once measured
         elif word in ("uniform", "depth", "sensitivity", "bottom"):  # how the branch rates are allocated
             settings["branch_allocation"] = word
+        elif word in ("mlp", "attention"):  # only this role's branches skip (skip_role)
+            settings["branch_allocation"] = "uniform"  # no taps; the rates are replaced by skip_role
         elif word.startswith("decay"):
             options["decay"] = float(word[5:])
         else:
@@ -316,6 +319,18 @@ def dropbp_rates(model, plugin, batch: dict, mean: float) -> torch.Tensor:
         hook.mode = "exact"
     model.zero_grad(set_to_none=True)
     return allocation.sensitivity_rates(torch.tensor(sensitivity, dtype=torch.float64), mean)
+
+
+def skip_role(plugin, method: str) -> None:
+    """``mlp`` or ``attention`` in a method: the bottom ``skip_branches`` share of that role's branches
+    skip on every step, the other role's never (a fixed cut of one kind of sublayer)."""
+    for role in {"mlp", "attention"} & set(method.split()):
+        hooks = list(plugin._branches.values())
+        count = round(plugin.config.skip_branches * sum(h.role == role for h in hooks))
+        chosen = [h.name for h in hooks if h.role == role][:count]
+        rates = torch.tensor([1.0 if h.name in chosen else 0.0 for h in hooks], dtype=torch.float64)
+        plugin.branch_rates = lambda rates=rates: rates
+        plugin._schedule()
 
 
 def blocks_of(model):
@@ -396,6 +411,7 @@ def run(task: str, methods, seed: int, steps: int, batch_size: int, lr: float | 
             rates = dropbp_rates(model, plugins[method], enc.batch(train[:batch_size]), plugins[method].config.skip_branches)
             plugins[method].branch_rates = lambda rates=rates: rates  # the baseline's fixed rates
             plugins[method]._schedule()
+        skip_role(plugins[method], method)
         cuts.append(cut_below(model, method))
     for model in models.values():
         model.train()  # from_pretrained returns eval mode, in which LDFA gathers no statistics

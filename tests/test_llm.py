@@ -174,6 +174,13 @@ def test_llm_sft_branch_words_and_the_dropbp_baseline():
     rates = llm_sft.dropbp_rates(model, plugin, batch, 0.5)
     assert rates.shape == (4,) and abs(float(rates.mean()) - 0.5) < 1e-6
     assert all(p.grad is None for p in model.parameters())  # the measurement leaves no gradient behind
+    plugin.detach()
+    plugin = ldfa_hf.wrap(model, llm_sft.config_for("bp skip0.5 mlp tail", 2))
+    llm_sft.skip_role(plugin, "bp skip0.5 mlp tail")  # the bottom one of the two MLPs, on every step
+    for _ in range(3):
+        assert [(b.role, b.depth, b.mode) for b in plugin.branches.values()] == \
+            [("attention", 0, "exact"), ("mlp", 0, "skip"), ("attention", 1, "exact"), ("mlp", 1, "exact")]
+        plugin.step()
 
 
 def test_docs_task_is_real_instruction_data_whose_held_out_questions_are_never_trained_on(tmp_path):
