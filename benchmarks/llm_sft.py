@@ -280,8 +280,10 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             settings["branch_unbiased"] = True
         elif word == "dropbp":  # the DropBP baseline: rates from its gradient-change sensitivity (dropbp_rates)
             settings["branch_allocation"] = "uniform"  # no taps; the rates are replaced once measured
-        elif word in ("uniform", "depth", "sensitivity", "bottom"):  # how the branch rates are allocated
+        elif word in ("uniform", "depth", "sensitivity", "bottom", "cut"):  # how the branch rates are allocated
             settings["branch_allocation"] = word
+        elif word.startswith("width"):  # with cut: the share of the widest range the random cut spans (skip_role)
+            pass
         elif word in ("mlp", "attention"):  # only this role's branches skip (skip_role)
             settings["branch_allocation"] = "uniform"  # no taps; the rates are replaced by skip_role
         elif word.startswith("decay"):
@@ -323,7 +325,14 @@ def dropbp_rates(model, plugin, batch: dict, mean: float) -> torch.Tensor:
 
 def skip_role(plugin, method: str) -> None:
     """``mlp`` or ``attention`` in a method: the bottom ``skip_branches`` share of that role's branches
-    skip on every step, the other role's never (a fixed cut of one kind of sublayer)."""
+    skip on every step, the other role's never (a fixed cut of one kind of sublayer). ``width0.5`` with
+    ``cut``: the random cut spans half the widest range (``allocation.cut_bounds``)."""
+    for word in method.split():
+        if word.startswith("width"):
+            from ldfa_hf import allocation
+            bounds = allocation.cut_bounds(len(plugin._branches), plugin.config.skip_branches, float(word[5:]))
+            plugin.cut_bounds = lambda bounds=bounds: bounds
+            plugin._schedule()
     for role in {"mlp", "attention"} & set(method.split()):
         hooks = list(plugin._branches.values())
         count = round(plugin.config.skip_branches * sum(h.role == role for h in hooks))

@@ -33,6 +33,32 @@ def bottom_rates(n: int, mean: float) -> Tensor:
     return rates
 
 
+def cut_bounds(n: int, mean: float, width: float = 1.0) -> tuple[int, int]:
+    """The range ``[lo, hi]`` of a random cut: the number of bottom branches skipped, uniform over it,
+    centred on ``mean · n`` and never all ``n``. ``width`` 1 is the widest such range, 0 a fixed cut."""
+    if n == 0 or mean <= 0:
+        return 0, 0
+    centre = min(mean * n, n - 1)
+    radius = width * min(centre, n - 1 - centre)
+    return round(centre - radius), round(centre + radius)
+
+
+def cut_rates(lo: int, hi: int, n: int) -> Tensor:
+    """Each branch's probability of lying below a cut drawn uniformly from ``[lo, hi]`` (bottom first)."""
+    below = torch.tensor([max(0, hi - max(i, lo - 1)) for i in range(n)], dtype=torch.float64)
+    return below / (hi - lo + 1)
+
+
+def draw_cut(lo: int, hi: int, n: int, seed: int, step: int) -> Tensor:
+    """A bool mask, True = skip: the bottom ``c`` branches, ``c`` uniform in ``[lo, hi]``, the same on
+    every process for the same (seed, step). Every branch above the cut runs exact, so no adapter
+    learns from an error that a skipped branch above it has left incomplete."""
+    cut = int(torch.randint(lo, hi + 1, (), generator=_generator(seed, step)))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[:cut] = True
+    return mask
+
+
 def depth_rates(depths: Tensor, mean: float, cap: float = MAX_SKIP) -> Tensor:
     """Falling linearly from the bottom block to 0 at the top, averaging ``mean`` (capped)."""
     top = float(depths.max()) if depths.numel() else 0.0
@@ -74,7 +100,7 @@ def draw(rates: Tensor, seed: int, step: int, independent: bool = False) -> Tens
     n = rates.numel()
     if n == 0 or float(rates.sum()) == 0:
         return torch.zeros(n, dtype=torch.bool)
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+    generator = _generator(seed, step)
     if independent:
         mask = torch.rand(n, generator=generator, dtype=torch.float64) < rates.double()
         if bool(mask.all()):  # never every branch: the loss would reach no trainable weight
@@ -89,3 +115,7 @@ def draw(rates: Tensor, seed: int, step: int, independent: bool = False) -> Tens
     mask = torch.zeros(n, dtype=torch.bool)
     mask[order] = picked
     return mask
+
+
+def _generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))

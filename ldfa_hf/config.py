@@ -23,7 +23,7 @@ AUTO_REFRESH_FALLBACK = 500  # refresh_every="auto" when the epoch length is unk
 # the built-in rule names, for type checkers (a test keeps them equal to ``rules.BUILTIN``);
 # any name given to ``register_rule`` is accepted too
 RuleName = Literal["svd", "local", "oja", "calibrated", "streaming", "sampled", "fixed", "fa", "dfa", "bp"]
-BranchAllocation = Literal["sensitivity", "depth", "uniform", "bottom"]  # LDFAConfig.branch_allocation
+BranchAllocation = Literal["sensitivity", "depth", "uniform", "bottom", "cut"]  # LDFAConfig.branch_allocation
 # LDFAConfig fields only some rules read (``Rule.settings``): setting one the rule ignores warns
 RULE_SETTINGS = ("refit_every", "calibrate_every", "feedback_lr", "feedback_weight_decay")
 
@@ -142,7 +142,10 @@ class LDFAConfig:
         branch_allocation: how the per-branch rates are set: ``"sensitivity"`` (default; branches
             that add little error to the stream skip more), ``"depth"`` (falling linearly to 0 at the
             top block), ``"uniform"`` (DropBP's plain form) or ``"bottom"`` (the bottom ``skip_branches``
-            share of the branches skips on every step: a fixed cut, whose learning tails still train).
+            share of the branches skips on every step: a fixed cut, whose learning tails still train) or
+            ``"cut"`` (each step a random depth, below which every branch skips and above which every
+            branch runs exact: the number skipped is uniform over the widest range that averages
+            ``skip_branches``).
         branch_map: where the branches are, for a model family ``ldfa_hf.branches.BRANCH_MAPPINGS``
             lacks: ``{"blocks": r"layers\.\d+", "branches": {"attention": ["input_layernorm",
             "self_attn", "self_attn.o_proj"], "mlp": ["post_attention_layernorm", "mlp", "mlp.down_proj"]}}``

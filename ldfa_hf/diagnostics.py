@@ -199,6 +199,11 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
             lines.append(f"  residual branches: {len(views)} ({_where([v.name + '.' for v in views])}); the bottom "
                          f"{len(always)} (blocks {depths[0]}-{depths[-1]}) skip their backward on every step{tails}; "
                          "the LDFA layers inside them send no feedback")
+        elif config.branch_allocation == "cut":
+            lo, hi = plugin.cut_bounds()
+            lines.append(f"  residual branches: {len(views)} ({_where([v.name + '.' for v in views])}); each step "
+                         f"the bottom {lo}-{hi} of them (a random depth, uniform; ~{100 * config.skip_branches:.0f}% "
+                         f"on average) skip their backward, every branch above runs exact{tails}")
         else:
             lines.append(f"  residual branches: {len(views)} ({_where([v.name + '.' for v in views])}); each step "
                          f"skips ~{100 * config.skip_branches:.0f}% of their backward ({config.branch_allocation} "

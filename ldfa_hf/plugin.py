@@ -312,10 +312,16 @@ class LDFAPlugin:
             return allocation.uniform_rates(len(hooks), mean)
         if how == "bottom":
             return allocation.bottom_rates(len(hooks), mean)
+        if how == "cut":
+            return allocation.cut_rates(*self.cut_bounds(), len(hooks))
         if how == "depth":
             return allocation.depth_rates(torch.tensor([h.depth for h in hooks]), mean)
         gains = torch.tensor([gain(self._pooled[h.name]) for h in hooks], dtype=torch.float64)
         return allocation.sensitivity_rates(gains, mean)  # a branch not measured yet runs exact
+
+    def cut_bounds(self) -> tuple[int, int]:
+        """``branch_allocation="cut"``: how many of the bottom branches a step may skip, fewest and most."""
+        return allocation.cut_bounds(len(self._branches), self.config.skip_branches)
 
     def _draw_branches(self) -> None:
         """This step's mode of every branch: a function of the seed, the step and the pooled
@@ -323,7 +329,10 @@ class LDFAPlugin:
         if not self._branches:
             return
         self._rates = self.branch_rates()
-        skip = allocation.draw(self._rates, self.config.seed, self.num_steps, independent=self.config.branch_unbiased)
+        if self.config.branch_allocation == "cut":
+            skip = allocation.draw_cut(*self.cut_bounds(), len(self._branches), self.config.seed, self.num_steps)
+        else:
+            skip = allocation.draw(self._rates, self.config.seed, self.num_steps, independent=self.config.branch_unbiased)
         unbiased = self.config.branch_unbiased
         for hook, skipped, rate in zip(self._branches.values(), skip.tolist(), self._rates.tolist()):
             hook.mode = "exact" if not skipped else ("bridge" if hook.P is not None else "skip")

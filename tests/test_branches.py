@@ -401,6 +401,58 @@ def test_bottom_allocation_is_a_fixed_cut_whose_tails_learn():
     assert [b.mode for b in plugin.branches.values()] == ["skip"] * 3 + ["exact"] * 3
 
 
+def test_random_cut_skips_a_bottom_prefix_at_its_rates_the_same_for_a_seed_and_step():
+    """branch_allocation="cut": each step the skipped branches are the bottom c, c uniform over a
+    range averaging the share and never all; each branch skips at the rate the plugin reports."""
+    for n, share in [(60, 0.5), (60, 0.33), (6, 0.5), (60, 0.8)]:
+        lo, hi = allocation.cut_bounds(n, share)
+        assert 0 <= lo <= hi < n and abs((lo + hi) / 2 - share * n) <= 0.5
+        rates = allocation.cut_rates(lo, hi, n)
+        assert abs(float(rates.mean()) - (lo + hi) / 2 / n) < 1e-9 and torch.all(rates[:-1] >= rates[1:])
+    assert allocation.cut_bounds(60, 0.5, width=0.0) == (30, 30)  # width 0: the fixed bottom cut
+    lo, hi = allocation.cut_bounds(6, 0.5)
+    masks = torch.stack([allocation.draw_cut(lo, hi, 6, seed=2, step=s) for s in range(3000)])
+    for mask in masks:  # a prefix: once one branch runs exact, every branch above does
+        count = int(mask.sum())
+        assert mask[:count].all() and not mask[count:].any() and lo <= count <= hi
+    assert torch.allclose(masks.double().mean(0), allocation.cut_rates(lo, hi, 6), atol=0.03)
+    assert torch.equal(allocation.draw_cut(lo, hi, 6, 2, 9), allocation.draw_cut(lo, hi, 6, 2, 9))
+
+    model = tiny_llama(3)
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="bp", skip_branches=0.5, branch_allocation="cut", seed=2))
+    assert plugin.cut_bounds() == (lo, hi)
+    _, modes = _train(model, plugin, 12)
+    assert modes == [tuple("skip" if x else "exact" for x in allocation.draw_cut(lo, hi, 6, 2, s)) for s in range(12)]
+    assert len(set(modes)) > 1
+    assert [round(b.rate, 6) for b in plugin.branches.values()] == [round(r, 6) for r in allocation.cut_rates(lo, hi, 6).tolist()]
+
+
+def test_random_cut_gives_the_gradients_of_the_same_cut_made_by_hand():
+    """The step's cut, with tails learning, against a LoRA model whose same branches are detached by
+    hand (input side) and whose tails keep their output error."""
+    from peft import LoraConfig, get_peft_model
+
+    def lora():
+        return get_peft_model(tiny_llama(3), LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+
+    model = lora()
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="bp", skip_branches=0.5, branch_allocation="cut", branch_tail=True))
+    for step in range(6):
+        reference = lora()
+        reference.load_state_dict(model.state_dict())
+        skipped = [b for b in plugin.branches.values() if b.mode == "skip"]
+        layers = reference.base_model.model.model.layers
+        for b in skipped:
+            branch = layers[b.depth].self_attn if b.role == "attention" else layers[b.depth].mlp
+            tail = branch.o_proj if b.role == "attention" else branch.down_proj
+            tail.register_forward_pre_hook(lambda m, a: (a[0].detach(),))
+        model.zero_grad(set_to_none=True)
+        reference(**batch(step)).loss.backward()
+        model(**batch(step)).loss.backward()
+        assert_same_grads(grads(model), grads(reference))
+        plugin.step()
+
+
 def test_unbiased_branches_average_to_backprops_input_error():
     """branch_unbiased: over the draws, the error reaching the embeddings' output equals autograd's
     (an exact branch sends 1/(1-p) of its input error, a skipped one none)."""
