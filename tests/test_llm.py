@@ -82,6 +82,18 @@ def test_summary_of_the_default_says_which_blocks_skip_and_counts_their_saving()
     assert 40 < saved < 50  # the bottom 3 of 6 blocks' linears: about half, less the head's share
 
 
+def test_summary_of_a_random_cut_gives_its_range_and_the_mean_saving():
+    model = tiny_llama(layers=6)
+    plugin = ldfa_hf.wrap(model, LDFAConfig(rule="bp", skip_branches=0.5, branch_allocation="cut", branch_tail=True))
+    text = plugin.summary(print_fn=None, samples=512)
+    assert plugin.cut_bounds() == (1, 11)
+    assert "each step the bottom 1-11 of them (a random depth, uniform; ~50% on average) skip their backward" in text
+    import re
+
+    saved = float(re.search(r"(-?[\d.]+)% fewer", text).group(1))
+    assert 35 < saved < 50  # on average half the branches, as the fixed cut at the same share
+
+
 def test_summary_never_prints_a_negative_saving():
     model = tiny_llama(layers=2)
     plugin = ldfa_hf.wrap(model, LDFAConfig(rule="streaming", rank=8))
