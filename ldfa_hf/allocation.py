@@ -33,9 +33,12 @@ def bottom_rates(n: int, mean: float) -> Tensor:
     return rates
 
 
-def cut_bounds(n: int, mean: float, width: float = 1.0) -> tuple[int, int]:
+def cut_bounds(n: int, mean: float, width: float = 0.5) -> tuple[int, int]:
     """The range ``[lo, hi]`` of a random cut: the number of bottom branches skipped, uniform over it,
-    centred on ``mean · n`` and never all ``n``. ``width`` 1 is the widest such range, 0 a fixed cut."""
+    centred on ``mean · n`` and never all ``n``. ``width`` is its share of the widest such range
+    (1: from no branch to all but one at ``mean`` 0.5; 0: a fixed cut). The default, half, keeps the
+    top and the bottom quarter of the blocks fixed at half the branches skipped: the widest range
+    lost 5 points more on SmolLM2 (RESULTS.md h)."""
     if n == 0 or mean <= 0:
         return 0, 0
     centre = min(mean * n, n - 1)

@@ -144,8 +144,8 @@ class LDFAConfig:
             top block), ``"uniform"`` (DropBP's plain form) or ``"bottom"`` (the bottom ``skip_branches``
             share of the branches skips on every step: a fixed cut, whose learning tails still train) or
             ``"cut"`` (each step a random depth, below which every branch skips and above which every
-            branch runs exact: the number skipped is uniform over the widest range that averages
-            ``skip_branches``).
+            branch runs exact: the number skipped is uniform over the middle half of the widest
+            range that averages ``skip_branches``).
         branch_map: where the branches are, for a model family ``ldfa_hf.branches.BRANCH_MAPPINGS``
             lacks: ``{"blocks": r"layers\.\d+", "branches": {"attention": ["input_layernorm",
             "self_attn", "self_attn.o_proj"], "mlp": ["post_attention_layernorm", "mlp", "mlp.down_proj"]}}``

@@ -409,6 +409,8 @@ def test_random_cut_skips_a_bottom_prefix_at_its_rates_the_same_for_a_seed_and_s
         assert 0 <= lo <= hi < n and abs((lo + hi) / 2 - share * n) <= 0.5
         rates = allocation.cut_rates(lo, hi, n)
         assert abs(float(rates.mean()) - (lo + hi) / 2 / n) < 1e-9 and torch.all(rates[:-1] >= rates[1:])
+    assert allocation.cut_bounds(60, 0.5) == (16, 44)  # the middle half of the widest range, (1, 59)
+    assert allocation.cut_bounds(60, 0.5, width=1.0) == (1, 59)
     assert allocation.cut_bounds(60, 0.5, width=0.0) == (30, 30)  # width 0: the fixed bottom cut
     lo, hi = allocation.cut_bounds(6, 0.5)
     masks = torch.stack([allocation.draw_cut(lo, hi, 6, seed=2, step=s) for s in range(3000)])
