@@ -11,7 +11,9 @@ average the configured share. The cap keeps every branch's adapters learning on 
 The draw is a function of (seed, step) alone, so every process makes the same one and a resumed
 run repeats the uninterrupted run's draws. It is systematic sampling in a shuffled order: each
 branch is skipped with exactly its rate, and every step skips the same number of branches
-(``round(Σ p_b)`` give or take one), so no step is slow by chance.
+(``round(Σ p_b)`` give or take one), so no step is slow by chance. A random cut
+(``draw_cut``) instead skips a bottom prefix of a uniformly drawn length, so every branch above
+it runs exact.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ def bottom_rates(n: int, mean: float) -> Tensor:
 def cut_bounds(n: int, mean: float, width: float = 0.5) -> tuple[int, int]:
     """The range ``[lo, hi]`` of a random cut: the number of bottom branches skipped, uniform over it,
     centred on ``mean · n`` and never all ``n``. ``width`` is its share of the widest such range
-    (1: from no branch to all but one at ``mean`` 0.5; 0: a fixed cut). The default, half, keeps the
-    top and the bottom quarter of the blocks fixed at half the branches skipped: the widest range
-    lost 5 points more on SmolLM2 (RESULTS.md h)."""
+    (1: from no branch to all but one at ``mean`` 0.5; 0: a fixed cut). With the default, half, at
+    ``mean`` 0.5 the bottom quarter of the branches always skips and the top quarter never does;
+    the widest range lost 5 points more on SmolLM2 (RESULTS.md h)."""
     if n == 0 or mean <= 0:
         return 0, 0
     centre = min(mean * n, n - 1)

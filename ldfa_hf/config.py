@@ -238,6 +238,9 @@ class LDFAConfig:
             raise ValueError(f"branch_tail must be a bool; got {self.branch_tail!r}")
         if self.branch_allocation not in get_args(BranchAllocation):
             raise ValueError(f"branch_allocation must be one of {get_args(BranchAllocation)}; got {self.branch_allocation!r}")
+        if self.branch_unbiased and self.branch_allocation == "cut":
+            raise ValueError("branch_unbiased needs one coin per branch; branch_allocation='cut' skips a bottom "
+                             "prefix of branches, so their draws are not independent: use one or the other")
         _check_branch_map(self.branch_map)
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an int; got {self.seed!r}")

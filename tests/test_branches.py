@@ -170,6 +170,8 @@ def test_bad_branch_settings_are_refused():
         LDFAConfig(branch_allocation="random")
     with pytest.raises(ValueError, match="branch_map"):
         LDFAConfig(branch_map={"blocks": "("})
+    with pytest.raises(ValueError, match="branch_unbiased needs one coin per branch"):
+        LDFAConfig(rule="bp", skip_branches=0.5, branch_allocation="cut", branch_unbiased=True)
 
 
 def _force(plugin, modes):
