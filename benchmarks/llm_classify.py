@@ -38,7 +38,7 @@ import ldfa_hf
 
 from . import data
 from .harness import ResultTable, out_path
-from .llm_sft import (LR, RUN, config_for, cut_below, lockstep, plot_time_to_quality, skip_role, time_to_quality,
+from .llm_sft import (LR, RUN, config_for, cut_below, lockstep, pin_branches, plot_time_to_quality, time_to_quality,
                       tiny_llama, with_lora)
 
 TASKS = ("sentiment", "topics", "plays", "reward")
@@ -145,7 +145,7 @@ def run(task: str, method: str, seed: int, steps: int, batch_size: int, lr: floa
     bp_model, ldfa_model = with_peft(twin, peft, seed), with_peft(base, peft, seed)
     ldfa_model.load_state_dict({n: p for n, p in bp_model.named_parameters() if p.requires_grad}, strict=False)
     plugin = ldfa_hf.wrap(ldfa_model, config_for(method, base.config.num_hidden_layers))
-    skip_role(plugin, method)
+    pin_branches(plugin, method)
     cut = cut_below(ldfa_model, method)
     models = {"bp": bp_model, "ldfa": ldfa_model}
     for model in models.values():

@@ -22,7 +22,7 @@ blocks only, the baseline), ``every8``, ``rows32``, ``frac0.25`` (``sampled``: t
 exact); for residual-branch skipping ``skip0.5`` (``skip_branches``), ``tail``, ``bridge32``,
 ``unbiased``, an allocation (``sensitivity``, ``uniform``, ``depth``, ``bottom``), ``dropbp`` (the
 DropBP baseline's rates, ``dropbp_rates``) or ``mlp`` / ``attention`` (only the bottom share of that
-kind of branch skips, ``skip_role``).
+kind of branch skips, ``pin_branches``).
 
 The methods a seed still lacks train side by side in one lockstep run against one plain LoRA
 (each takes a step in turn, the order rotating), so every method's step-time ratio is measured
@@ -49,6 +49,7 @@ import time
 import torch
 
 import ldfa_hf
+from ldfa_hf import allocation
 
 from . import floor  # noqa: F401  (registers rule="floor", zero feedback, for the Pareto table)
 from .harness import ResultTable, out_path, row_key
@@ -282,10 +283,10 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             settings["branch_allocation"] = "uniform"  # no taps; the rates are replaced once measured
         elif word in ("uniform", "depth", "sensitivity", "bottom", "cut"):  # how the branch rates are allocated
             settings["branch_allocation"] = word
-        elif word.startswith("width"):  # with cut: the share of the widest range the random cut spans (skip_role)
+        elif word.startswith("width"):  # with cut: the share of the widest range the cut spans (pin_branches)
             pass
-        elif word in ("mlp", "attention"):  # only this role's branches skip (skip_role)
-            settings["branch_allocation"] = "uniform"  # no taps; the rates are replaced by skip_role
+        elif word in ("mlp", "attention"):  # only this role's branches skip (pin_branches)
+            settings["branch_allocation"] = "uniform"  # no taps; the rates are replaced by pin_branches
         elif word.startswith("decay"):
             options["decay"] = float(word[5:])
         else:
@@ -301,8 +302,6 @@ def dropbp_rates(model, plugin, batch: dict, mean: float) -> torch.Tensor:
     when that branch alone skips its backward. The rates then take the same capped ``c / S`` form
     as ``branch_allocation="sensitivity"``, so the two differ only in what they measure. One
     forward and backward per branch, before training (not in the step times)."""
-    from ldfa_hf import allocation
-
     params = [p for p in model.parameters() if p.requires_grad]
 
     def gradient() -> torch.Tensor:
@@ -323,23 +322,27 @@ def dropbp_rates(model, plugin, batch: dict, mean: float) -> torch.Tensor:
     return allocation.sensitivity_rates(torch.tensor(sensitivity, dtype=torch.float64), mean)
 
 
-def skip_role(plugin, method: str) -> None:
-    """``mlp`` or ``attention`` in a method: the bottom ``skip_branches`` share of that role's branches
-    skip on every step, the other role's never (a fixed cut of one kind of sublayer). ``width0.5`` with
-    ``cut``: the random cut spans half the widest range (``allocation.cut_bounds``)."""
+def pin_rates(plugin, rates: torch.Tensor) -> None:
+    """A baseline's own fixed branch rates in place of the plugin's allocation, drawn from the next step."""
+    plugin.branch_rates = lambda: rates
+    plugin._schedule()
+
+
+def pin_branches(plugin, method: str) -> None:
+    """The benchmark-only allocations a method names. ``mlp`` or ``attention``: the bottom
+    ``skip_branches`` share of that role's branches skip on every step, the other role's never (a
+    fixed cut of one kind of sublayer). ``width0.5`` with ``cut``: the random cut spans that share of
+    the widest range (``allocation.cut_bounds``)."""
+    hooks = list(plugin._branches.values())
     for word in method.split():
         if word.startswith("width"):
-            from ldfa_hf import allocation
-            bounds = allocation.cut_bounds(len(plugin._branches), plugin.config.skip_branches, float(word[5:]))
-            plugin.cut_bounds = lambda bounds=bounds: bounds
+            bounds = allocation.cut_bounds(len(hooks), plugin.config.skip_branches, float(word[5:]))
+            plugin.cut_bounds = lambda: bounds
             plugin._schedule()
     for role in {"mlp", "attention"} & set(method.split()):
-        hooks = list(plugin._branches.values())
         count = round(plugin.config.skip_branches * sum(h.role == role for h in hooks))
         chosen = [h.name for h in hooks if h.role == role][:count]
-        rates = torch.tensor([1.0 if h.name in chosen else 0.0 for h in hooks], dtype=torch.float64)
-        plugin.branch_rates = lambda rates=rates: rates
-        plugin._schedule()
+        pin_rates(plugin, torch.tensor([1.0 if h.name in chosen else 0.0 for h in hooks], dtype=torch.float64))
 
 
 def blocks_of(model):
@@ -418,9 +421,8 @@ def run(task: str, methods, seed: int, steps: int, batch_size: int, lr: float | 
         if "dropbp" in method.split():
             model.train()
             rates = dropbp_rates(model, plugins[method], enc.batch(train[:batch_size]), plugins[method].config.skip_branches)
-            plugins[method].branch_rates = lambda rates=rates: rates  # the baseline's fixed rates
-            plugins[method]._schedule()
-        skip_role(plugins[method], method)
+            pin_rates(plugins[method], rates)
+        pin_branches(plugins[method], method)
         cuts.append(cut_below(model, method))
     for model in models.values():
         model.train()  # from_pretrained returns eval mode, in which LDFA gathers no statistics

@@ -194,20 +194,19 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
         views = list(plugin.branches.values())
         tails = ", their output projections still learning (branch_tail)" if config.branch_tail else ""
         always = [v for v in views if v.rate >= 1.0]
+        found = f"  residual branches: {len(views)} ({_where([v.name + '.' for v in views])}); "
         if config.branch_allocation == "bottom" and always:
             depths = sorted({v.depth for v in always})
-            lines.append(f"  residual branches: {len(views)} ({_where([v.name + '.' for v in views])}); the bottom "
-                         f"{len(always)} (blocks {depths[0]}-{depths[-1]}) skip their backward on every step{tails}; "
-                         "the LDFA layers inside them send no feedback")
+            lines.append(f"{found}the bottom {len(always)} (blocks {depths[0]}-{depths[-1]}) skip their backward on "
+                         f"every step{tails}; the LDFA layers inside them send no feedback")
         elif config.branch_allocation == "cut":
             lo, hi = plugin.cut_bounds()
-            lines.append(f"  residual branches: {len(views)} ({_where([v.name + '.' for v in views])}); each step "
-                         f"the bottom {lo}-{hi} of them (a random depth, uniform; ~{100 * config.skip_branches:.0f}% "
-                         f"on average) skip their backward, every branch above runs exact{tails}")
+            lines.append(f"{found}each step the bottom {lo}-{hi} of them (a random depth, uniform; "
+                         f"~{100 * config.skip_branches:.0f}% on average) skip their backward, every branch above "
+                         f"runs exact{tails}")
         else:
-            lines.append(f"  residual branches: {len(views)} ({_where([v.name + '.' for v in views])}); each step "
-                         f"skips ~{100 * config.skip_branches:.0f}% of their backward ({config.branch_allocation} "
-                         f"rates, {max(v.rate for v in views):.0%} at most){tails}"
+            lines.append(f"{found}each step skips ~{100 * config.skip_branches:.0f}% of their backward "
+                         f"({config.branch_allocation} rates, {max(v.rate for v in views):.0%} at most){tails}"
                          + (f", bridged at rank {config.branch_bridge}" if config.branch_bridge else ""))
     width = max([len(group_name(v)) for v in groups.values()] + [5])
     lines.append(f"{'count':>5}  {'LDFA layer':<{width}}  {'kind':<7} {'m x n':>13} {'rank':>5} {'feedback':>11}")

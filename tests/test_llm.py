@@ -188,11 +188,11 @@ def test_llm_sft_branch_words_and_the_dropbp_baseline():
     assert all(p.grad is None for p in model.parameters())  # the measurement leaves no gradient behind
     plugin.detach()
     plugin = ldfa_hf.wrap(model, llm_sft.config_for("bp skip0.5 mlp tail", 2))
-    llm_sft.skip_role(plugin, "bp skip0.5 mlp tail")  # the bottom one of the two MLPs, on every step
+    llm_sft.pin_branches(plugin, "bp skip0.5 mlp tail")  # the bottom one of the two MLPs, on every step
     cut = ldfa_hf.wrap(llm_sft.with_lora(llm_sft.base_model(tiny=True)[0], "lora", seed=0),
                        llm_sft.config_for("bp skip0.5 cut width1 tail", 2))
     assert cut.cut_bounds() == (2, 2)  # the library's range: the middle half of the widest
-    llm_sft.skip_role(cut, "bp skip0.5 cut width1 tail")
+    llm_sft.pin_branches(cut, "bp skip0.5 cut width1 tail")
     assert cut.cut_bounds() == (1, 3)  # width1: the widest range of 4 branches, never all 4
     for _ in range(3):
         assert [(b.role, b.depth, b.mode) for b in plugin.branches.values()] == \
