@@ -35,11 +35,7 @@ def chat_dataset(task: str, n: int, seed: int = 0):
                               for prompt, answer in task_examples(task, n, seed)])
 
 
-def main(argv=None):
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="a model folder or Hub id (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--output-dir", default="out/trl_sft")
@@ -56,7 +52,15 @@ def main(argv=None):
     parser.add_argument("--exact-top", type=float, default=None,
                         help="override for_finetuning()'s exact_top")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def build(args: argparse.Namespace, train_dataset=None, eval_dataset=None, callbacks=(), **settings):
+    """The ``SFTTrainer`` of ``args`` (LDFA attached unless ``--no-ldfa``), not yet trained; ``settings``
+    go to its ``SFTConfig``."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
 
     path = args.model or str(ldfa_hf.pretrained.smollm2_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -64,9 +68,12 @@ def main(argv=None):
     config = SFTConfig(output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="constant",
                        logging_steps=min(10, args.steps), save_steps=args.save_steps, report_to="none", seed=args.seed,
-                       completion_only_loss=True, bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())
-    trainer = SFTTrainer(model=model, args=config, train_dataset=chat_dataset(args.task, args.examples, args.seed),
-                         processing_class=tokenizer,
+                       completion_only_loss=True, bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+                       **settings)
+    trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer, callbacks=list(callbacks),
+                         train_dataset=train_dataset if train_dataset is not None else chat_dataset(
+                             args.task, args.examples, args.seed),
+                         eval_dataset=eval_dataset,
                          peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"))
     if not args.no_ldfa:
@@ -74,6 +81,12 @@ def main(argv=None):
         plugin = ldfa_hf.wrap(trainer.model, LDFAConfig.for_finetuning(**overrides))  # the PEFT model TRL built
         plugin.summary()
         LDFACallback(plugin).install(trainer)
+    return trainer
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    trainer = build(args)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     return trainer
 

@@ -18,6 +18,7 @@ EXPERIMENTS = {
     "convnext_transfer": "ConvNeXt pretrained on digits 0-4, fine-tuned on 5-9: bp, svd, calibrated, fixed",
     "speed": "f: step time, share of the floor's saving and memory vs backprop (--sweep, --compile, --gpu-suite)",
     "llm_sft": "g: SmolLM2-135M LoRA fine-tuning, plain LoRA vs LDFA in lockstep (--task arith | sort | pydoc)",
+    "sft_trainer": "h: step time and held-out loss through TRL's SFTTrainer, plain LoRA vs for_finetuning()",
     "llm_gradients": "g: SmolLM2-135M LoRA, per block cosine of LDFA's adapter gradients with backprop's",
 }
 

@@ -47,3 +47,23 @@ def test_sft_trainer_with_peft_config_trains_with_ldfa_and_resumes_bit_identical
     run(tiny_chat_llama_folder, tmp_path / "c", "--no-ldfa")  # plain LoRA takes other steps: LDFA changed the gradients
     a, c = adapter(tmp_path / "a" / "checkpoint-4"), adapter(tmp_path / "c" / "checkpoint-4")
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_sft_trainer_benchmark_alternates_the_methods_and_resumes(tiny_chat_llama_folder, tmp_path, capsys):
+    import csv
+
+    from benchmarks import sft_trainer
+
+    out = tmp_path / "sft.csv"
+    sft_trainer.main(["--tiny", "--model", tiny_chat_llama_folder, "--task", "arith", "--out", str(out)])
+    rows = list(csv.DictReader(open(out)))
+    # round 0 runs plain LoRA first, round 1 LDFA first: a drift in speed falls on both
+    assert [(r["round"], r["method"]) for r in rows] == [("0", "lora"), ("0", "finetune"), ("1", "finetune"),
+                                                         ("1", "lora")]
+    assert all(float(r["step_s"]) > 0 and int(r["tokens_per_step"]) > 0 for r in rows)
+    loss = {(r["method"], r["round"]): r["eval_loss"] for r in rows}
+    assert loss["lora", "0"] == loss["lora", "1"] and loss["finetune", "0"] == loss["finetune", "1"]  # same steps
+    assert loss["lora", "0"] != loss["finetune", "0"]  # LDFA changed the gradients
+    assert "| arith | 4 × 2 |" in capsys.readouterr().out
+    sft_trainer.main(["--tiny", "--model", tiny_chat_llama_folder, "--task", "arith", "--out", str(out)])
+    assert len(list(csv.DictReader(open(out)))) == 4  # finished runs are not repeated
