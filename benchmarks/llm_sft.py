@@ -21,8 +21,8 @@ ones: ``skip_zero_rows=False``), ``cut10`` (no gradient at all below block 10: L
 blocks only, the baseline), ``every8``, ``rows32``, ``frac0.25`` (``sampled``: the share of rows made
 exact); for residual-branch skipping ``skip0.5`` (``skip_branches``), ``tail``, ``bridge32``,
 ``unbiased``, an allocation (``sensitivity``, ``uniform``, ``depth``, ``bottom``), ``dropbp`` (the
-DropBP baseline's rates, ``dropbp_rates``) or ``mlp`` / ``attention`` (only the bottom share of that
-kind of branch skips, ``pin_branches``).
+DropBP baseline's rates, ``dropbp_rates``), ``mlp`` / ``attention`` (only the bottom share of that
+kind of branch skips, ``pin_branches``) or ``exactevery8`` (every 8th step runs every branch exact).
 
 The methods a seed still lacks train side by side in one lockstep run against one plain LoRA
 (each takes a step in turn, the order rotating), so every method's step-time ratio is measured
@@ -257,6 +257,8 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
             settings.setdefault("rank_pattern", {})["lm_head"] = int(word[4:])
         elif word == "od":  # the layers whose input gradient is the error of the block's own adapters
             exclude += [r".*o_proj.*", r".*down_proj.*"]
+        elif word.startswith("exactevery") and word[10:].isdigit():  # every K-th step all exact (pin_branches)
+            pass
         elif word.startswith("exact") and word[5:].replace(".", "", 1).isdigit():  # exact0.67: exact_top
             settings["exact_top"] = float(word[5:])
         elif word.startswith("top") and word[3:].isdigit():
@@ -332,12 +334,24 @@ def pin_branches(plugin, method: str) -> None:
     """The benchmark-only allocations a method names. ``mlp`` or ``attention``: the bottom
     ``skip_branches`` share of that role's branches skip on every step, the other role's never (a
     fixed cut of one kind of sublayer). ``width0.5`` with ``cut``: the random cut spans that share of
-    the widest range (``allocation.cut_bounds``)."""
+    the widest range (``allocation.cut_bounds``). ``exactevery8``: every 8th step (the first
+    included) runs every branch exact, so the adapters below the skipped branches learn on those."""
     hooks = list(plugin._branches.values())
     for word in method.split():
         if word.startswith("width"):
             bounds = allocation.cut_bounds(len(hooks), plugin.config.skip_branches, float(word[5:]))
             plugin.cut_bounds = lambda: bounds
+            plugin._schedule()
+        if word.startswith("exactevery"):
+            every, draw = int(word[10:]), plugin._draw_branches
+
+            def draw_with_exact_steps():
+                draw()
+                if plugin.num_steps % every == 0:
+                    for hook in hooks:
+                        hook.mode = "exact"
+
+            plugin._draw_branches = draw_with_exact_steps
             plugin._schedule()
     for role in {"mlp", "attention"} & set(method.split()):
         count = round(plugin.config.skip_branches * sum(h.role == role for h in hooks))

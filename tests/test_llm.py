@@ -198,6 +198,15 @@ def test_llm_sft_branch_words_and_the_dropbp_baseline():
         assert [(b.role, b.depth, b.mode) for b in plugin.branches.values()] == \
             [("attention", 0, "exact"), ("mlp", 0, "skip"), ("attention", 1, "exact"), ("mlp", 1, "exact")]
         plugin.step()
+    plugin.detach()
+    plugin = ldfa_hf.wrap(model, llm_sft.config_for("bp skip0.5 bottom tail exactevery3", 2))
+    llm_sft.pin_branches(plugin, "bp skip0.5 bottom tail exactevery3")
+    modes = []
+    for _ in range(6):
+        modes.append(tuple(b.mode for b in plugin.branches.values()))
+        plugin.step()
+    bottom, exact = ("skip", "skip", "exact", "exact"), ("exact",) * 4
+    assert modes == [exact, bottom, bottom, exact, bottom, bottom]  # steps 0 and 3 run every branch exact
 
 
 def test_docs_task_is_real_instruction_data_whose_held_out_questions_are_never_trained_on(tmp_path):
