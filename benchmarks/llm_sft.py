@@ -246,8 +246,9 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
     """``finetune`` is ``LDFAConfig.for_finetuning()``; a variant string overrides it word by word."""
     if method == "finetune":
         return ldfa_hf.LDFAConfig.for_finetuning()
-    words = method.split()
-    settings, options, exclude = {"rule": words[0]}, {}, []
+    words = method.split()  # "finetune exactevery8": the default with benchmark words added
+    settings = dict(ldfa_hf.config.FINETUNING) if words[0] == "finetune" else {"rule": words[0]}
+    options, exclude = {}, []
     for word in words[1:]:
         if word.startswith("r") and word[1:].isdigit():
             settings["rank"] = int(word[1:])

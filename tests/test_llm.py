@@ -207,6 +207,7 @@ def test_llm_sft_branch_words_and_the_dropbp_baseline():
         plugin.step()
     bottom, exact = ("skip", "skip", "exact", "exact"), ("exact",) * 4
     assert modes == [exact, bottom, bottom, exact, bottom, bottom]  # steps 0 and 3 run every branch exact
+    assert llm_sft.config_for("finetune exactevery3", 2) == ldfa_hf.LDFAConfig.for_finetuning()  # the default + words
 
 
 def test_docs_task_is_real_instruction_data_whose_held_out_questions_are_never_trained_on(tmp_path):
