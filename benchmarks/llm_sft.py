@@ -18,7 +18,9 @@ exact), ``head256`` (the head's feedback at rank 256), ``od`` (o_proj and down_p
 ``top2`` (the last 2 blocks left exact), ``exact0.67`` (``exact_top=0.67``: the top two thirds of
 the layers exact), ``dense`` (the exact head multiplies every row of its error, also the zero
 ones: ``skip_zero_rows=False``), ``cut10`` (no gradient at all below block 10: LoRA on the top
-blocks only, the baseline), ``every8``, ``rows32``, ``frac0.25`` (``sampled``: the share of rows made
+blocks only, the baseline), ``lora20`` (LoRA adapters on the top 20 blocks only, PEFT's
+``layers_to_transform``: the same gradients as ``cut10`` from a model that holds no adapters
+below), ``every8``, ``rows32``, ``frac0.25`` (``sampled``: the share of rows made
 exact); for residual-branch skipping ``skip0.5`` (``skip_branches``), ``tail``, ``bridge32``,
 ``unbiased``, an allocation (``sensitivity``, ``uniform``, ``depth``, ``bottom``), ``dropbp`` (the
 DropBP baseline's rates, ``dropbp_rates``), ``mlp`` / ``attention`` (only the bottom share of that
@@ -228,9 +230,10 @@ def tiny_llama(width: int = 32):
     return LlamaForCausalLM(config), tok
 
 
-def with_lora(model, peft: str, seed: int, r: int = 8, task_type: str = "CAUSAL_LM"):
+def with_lora(model, peft: str, seed: int, r: int = 8, task_type: str = "CAUSAL_LM", top: int | None = None):
     """LoRA r on every linear layer (``SEQ_CLS``: the head trained in full too, PEFT putting it in
-    ``modules_to_save``), or every weight trainable (``full``)."""
+    ``modules_to_save``), or every weight trainable (``full``). ``top``: adapters in the top ``top``
+    blocks only (PEFT's ``layers_to_transform``)."""
     from peft import LoraConfig, get_peft_model
 
     if peft == "full":
@@ -238,8 +241,20 @@ def with_lora(model, peft: str, seed: int, r: int = 8, task_type: str = "CAUSAL_
             p.requires_grad_(True)
         return model
     torch.manual_seed(seed)
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear",
-                                            task_type=task_type))
+    targets, layers = "all-linear", None
+    if top is not None:  # PEFT takes layers_to_transform with a list of module names only
+        n = model.config.num_hidden_layers
+        targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and ".layers." in name})
+        layers = list(range(n - top, n))
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
+                                            task_type=task_type, layers_to_transform=layers))
+
+
+def lora_top(method: str) -> int | None:
+    """``lora20`` in a method: LoRA adapters on the top 20 blocks only (the baseline PEFT offers)."""
+    tops = [int(w[4:]) for w in method.split() if w.startswith("lora") and w[4:].isdigit()]
+    return tops[0] if tops else None
 
 
 def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
@@ -265,6 +280,8 @@ def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
         elif word.startswith("top") and word[3:].isdigit():
             exclude += [rf".*layers\.{i}\..*" for i in range(num_layers - int(word[3:]), num_layers)]
         elif word.startswith("cut") and word[3:].isdigit():  # handled by cut_below(); the rule's layers never see δ
+            pass
+        elif word.startswith("lora") and word[4:].isdigit():  # handled by with_lora(top=...): adapters on top blocks
             pass
         elif word == "dense":  # the exact head multiplies every row of its error, zero or not
             settings["skip_zero_rows"] = False
@@ -430,7 +447,7 @@ def run(task: str, methods, seed: int, steps: int, batch_size: int, lr: float | 
     plugins, cuts = {}, []
     for i, method in enumerate(methods):  # 4-bit weights cannot be deep-copied: load them again
         twin = base if i == len(methods) - 1 else (base_model(tiny, peft)[0] if peft == "qlora" else copy.deepcopy(base))
-        model = models[method] = with_lora(twin, peft, seed)
+        model = models[method] = with_lora(twin, peft, seed, top=lora_top(method))
         model.load_state_dict(trainable, strict=False)  # the same adapters (4-bit state is not copied)
         plugins[method] = ldfa_hf.wrap(model, config_for(method, base.config.num_hidden_layers))
         if "dropbp" in method.split():

@@ -243,3 +243,18 @@ def test_time_to_quality_interpolates_and_matches_runs_by_steps_and_batch():
              {**run, "method": "m", "steps": "80", "step": "60", "eval_loss": "0.20"}]
     table = llm_sft.time_to_quality(curve, [{**run, "method": "m", "steps": "80", "speedup": "1.2"}])
     assert "| 0.3000 (80) | 50 | 1.20× | 1.92× |" in table
+
+
+def test_llm_sft_lora_on_the_top_blocks_only_trains_as_the_cut_does(tmp_path):
+    import csv
+
+    from benchmarks import llm_sft
+
+    model = llm_sft.with_lora(llm_sft.tiny_llama()[0], "lora", seed=0, top=1)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".layers.1." in n for n in names)  # PEFT's layers_to_transform: no adapter below
+    out = tmp_path / "llm.csv"
+    llm_sft.main(["--tiny", "--methods", "bp lora1 head", "bp cut1 head", "--out", str(out)])
+    rows = {r["method"]: r for r in csv.DictReader(open(out))}
+    assert rows["bp lora1 head"]["eval_loss"] == rows["bp cut1 head"]["eval_loss"]  # the same gradients, two ways
+    assert rows["bp lora1 head"]["eval_loss"] != rows["bp lora1 head"]["bp_eval_loss"]
