@@ -576,9 +576,12 @@ def time_to_quality(curve: list[dict], results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_time_to_quality(rows: list[dict], path: str, results: list[dict] | None = None) -> str:
-    """Held-out loss against training time, one panel per task and fine-tuning kind, one line per
-    method: the mean over its seeds at each evaluated step. With ``results`` the time is steps ×
+def plot_time_to_quality(rows: list[dict], path: str, results: list[dict] | None = None,
+                         column: str = "eval_loss") -> str:
+    """Held-out loss (``column="train_loss"``: the training loss over the last curve interval's
+    batches, the same batches for every method, so a smoother comparison) against training time,
+    one panel per task and fine-tuning kind, one line per method: the mean over its seeds at each
+    evaluated step. With ``results`` the time is steps ×
     the method's median step time over those runs (plain LoRA: its median over the same runs), so
     that runs made under different machine loads share one clock; without, each model's own
     recorded seconds (averaged over seeds)."""
@@ -600,11 +603,11 @@ def plot_time_to_quality(rows: list[dict], path: str, results: list[dict] | None
     for ax, (task, peft) in zip(axes[0], panels):
         lines: dict[str, dict] = {}
         for r in rows:
-            if (r["task"], r["peft"]) == (task, peft):
-                per_step = step_s.get((task, peft, r["method"]))
+            if (r["task"], r["peft"]) == (task, peft) and not (column == "train_loss" and int(r["step"]) == 1):
+                per_step = step_s.get((task, peft, r["method"]))  # (the training loss of step 1 is one batch's)
                 x = int(r["step"]) * per_step if per_step else float(r["seconds"])
                 point = lines.setdefault(r["method"], {}).setdefault(int(r["step"]), [])
-                point.append((x, float(r["eval_loss"]), str(r["seed"])))
+                point.append((x, float(r[column]), str(r["seed"])))
         for method, by_step in sorted(lines.items(), key=lambda kv: (kv[0] != "backprop", kv[0])):
             seeds = {seed for values in by_step.values() for _, _, seed in values}
             xs = [statistics.mean(x for x, _, _ in by_step[k]) for k in sorted(by_step)]
@@ -614,7 +617,8 @@ def plot_time_to_quality(rows: list[dict], path: str, results: list[dict] | None
         ax.set_xlabel("training seconds: steps × the median step time (2-core CPU)" if step_s
                       else "training seconds (2-core CPU, steps only)")
         ax.set_yscale("log")  # the methods part near the end, where the losses are small
-        ax.set_ylabel("held-out loss (mean over seeds, log scale)")
+        ax.set_ylabel(("held-out loss" if column == "eval_loss" else "training loss, the same batches")
+                      + " (mean over seeds, log scale)")
         ax.set_title(f"SmolLM2-135M {peft}: {task}")
         ax.legend(fontsize=7)
     return save_figure(fig, path)
@@ -665,7 +669,9 @@ def main(argv=None) -> None:
     if curves.rows:
         print(time_to_quality(curves.rows, table.rows))
         drawn = [r for r in curves.rows if (r["steps"], r["batch_size"]) == (str(args.steps), str(args.batch_size))]
-        print("plot:", plot_time_to_quality(drawn or curves.rows, curve_path.replace(".csv", ".png"), table.rows))
+        print("plots:", plot_time_to_quality(drawn or curves.rows, curve_path.replace(".csv", ".png"), table.rows),
+              plot_time_to_quality(drawn or curves.rows, curve_path.replace(".csv", "_train.png"), table.rows,
+                                   column="train_loss"))
     print(f"results: {args.out}")
 
 

@@ -117,7 +117,7 @@ def test_llm_sft_tiny_writes_a_resumable_csv(tmp_path):
     assert [int(r["step"]) for r in curve if r["method"] == "backprop"] == [1, 2, 4]
     seconds = [float(r["seconds"]) for r in curve if r["method"] == "finetune"]
     assert seconds == sorted(seconds) and seconds[-1] > 0  # a skipping tiny step can round to 0.00 s
-    assert (tmp_path / "llm_sft_curve.png").stat().st_size > 0
+    assert (tmp_path / "llm_sft_curve.png").stat().st_size > 0 and (tmp_path / "llm_sft_curve_train.png").stat().st_size > 0
     llm_sft.main(["--tiny", "--methods", "finetune", "--out", str(out)])  # done cells are not run again
     assert len(list(csv.DictReader(open(out)))) == 2
     config = llm_sft.config_for("sampled r4 frac0.5 exact0.5", num_layers=2)
