@@ -624,6 +624,13 @@ def plot_time_to_quality(rows: list[dict], path: str, results: list[dict] | None
     return save_figure(fig, path)
 
 
+def drawn_rows(curve: list[dict], steps: int, batch_size: int, methods: list[str] | None = None) -> list[dict]:
+    """The curve points a plot draws: runs of these steps and batch size, of ``methods`` (all if None)
+    and plain LoRA."""
+    return [r for r in curve if (r["steps"], r["batch_size"]) == (str(steps), str(batch_size))
+            and (methods is None or r["method"] in ["backprop", *methods])]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="arith", choices=TASKS)
@@ -636,6 +643,8 @@ def main(argv=None) -> None:
     parser.add_argument("--curve", type=int, default=0, metavar="N",
                         help="every N steps, held-out loss of both models into llm_sft_curve.csv and the "
                              "time-to-quality plot")
+    parser.add_argument("--plot-methods", nargs="+", default=None, metavar="METHOD",
+                        help="draw only these methods (and plain LoRA) in the time-to-quality plots")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama, a few steps (the tests)")
     parser.add_argument("--out", default=None, help="CSV to append to (default: benchmarks/results/llm_sft.csv; "
                                                     "a --tiny run writes to a temporary folder unless given)")
@@ -668,7 +677,7 @@ def main(argv=None) -> None:
     print(pareto_table(table.rows))
     if curves.rows:
         print(time_to_quality(curves.rows, table.rows))
-        drawn = [r for r in curves.rows if (r["steps"], r["batch_size"]) == (str(args.steps), str(args.batch_size))]
+        drawn = drawn_rows(curves.rows, args.steps, args.batch_size, args.plot_methods)
         print("plots:", plot_time_to_quality(drawn or curves.rows, curve_path.replace(".csv", ".png"), table.rows),
               plot_time_to_quality(drawn or curves.rows, curve_path.replace(".csv", "_train.png"), table.rows,
                                    column="train_loss"))

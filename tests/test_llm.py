@@ -119,6 +119,8 @@ def test_llm_sft_tiny_writes_a_resumable_csv(tmp_path):
     assert seconds == sorted(seconds) and seconds[-1] > 0  # a skipping tiny step can round to 0.00 s
     assert (tmp_path / "llm_sft_curve.png").stat().st_size > 0 and (tmp_path / "llm_sft_curve_train.png").stat().st_size > 0
     llm_sft.main(["--tiny", "--methods", "finetune", "--out", str(out)])  # done cells are not run again
+    drawn = llm_sft.drawn_rows(curve, 4, 4, ["finetune"])  # --plot-methods: plain LoRA and the methods named
+    assert {r["method"] for r in drawn} == {"backprop", "finetune"} and not llm_sft.drawn_rows(curve, 80, 16)
     assert len(list(csv.DictReader(open(out)))) == 2
     config = llm_sft.config_for("sampled r4 frac0.5 exact0.5", num_layers=2)
     assert (config.rule, config.rank, config.rule_options, config.exact_top) == ("sampled", 4, {"fraction": 0.5}, 0.5)
