@@ -549,7 +549,8 @@ def time_to_quality(curve: list[dict], results: list[dict]) -> str:
     """Markdown: per lockstep run, the step at which the method's held-out loss first reached plain
     LoRA's final one (interpolated between curve points), and the time-to-quality speed-up that
     makes with the run's own step-time ratio: ``(plain LoRA's steps × its step time) / (the
-    method's steps × its step time)``. Steps do not depend on the machine's load and the ratio was
+    method's steps × its step time)``, plain LoRA's steps being those *it* took to first reach
+    that loss (a noisy curve can touch it before its last step; an exact method then scores 1×). Steps do not depend on the machine's load and the ratio was
     measured side by side, so runs made at different times compare. A run is named by task,
     fine-tuning kind, method, seed, steps and batch size (a curve written before the last two were
     recorded matches on the first four)."""
@@ -568,11 +569,12 @@ def time_to_quality(curve: list[dict], results: list[dict]) -> str:
         if not bp or not mine:
             continue
         last, target = bp[-1]
+        first = reached_at(bp, target)  # a noisy curve can touch its final loss before its last step
         reached = reached_at(mine, target)
         speed = float(row["speedup"])
-        ttq = f"{last / reached * speed:.2f}×" if reached else f"not reached (final {mine[-1][1]:.4f})"
-        lines.append(f"| {row['task']} | {row['peft']} | {row['method']} | {row['seed']} | {target:.4f} ({last}) | "
-                     f"{f'{reached:.0f}' if reached else '-'} | {speed:.2f}× | {ttq} |")
+        ttq = f"{first / reached * speed:.2f}×" if reached else f"not reached (final {mine[-1][1]:.4f})"
+        lines.append(f"| {row['task']} | {row['peft']} | {row['method']} | {row['seed']} | {target:.4f} ({last}; "
+                     f"first at {first:.0f}) | {f'{reached:.0f}' if reached else '-'} | {speed:.2f}× | {ttq} |")
     return "\n".join(lines)
 
 

@@ -170,8 +170,14 @@ def test_time_to_quality_counts_steps_to_plain_loras_final_loss_times_the_step_r
     results = [{"task": "arith", "peft": "lora", "method": m, "seed": 0, "speedup": s} for m, s in (("fast", "1.2"),
                                                                                                   ("bad", "1.5"))]
     table = time_to_quality(curve, results).splitlines()
-    assert table[2].endswith("| 0.3000 (60) | 40 | 1.20× | 1.80× |")  # 60/40 steps × 1.2
+    assert table[2].endswith("| 0.3000 (60; first at 60) | 40 | 1.20× | 1.80× |")  # 60/40 steps × 1.2
     assert "not reached (final 0.6000)" in table[3]
+    # plain LoRA's curve dips below its final loss at step 20: an exact copy of it is not "sooner"
+    noisy = [{**r, "eval_loss": {20: 0.2, 40: 0.5, 60: 0.3}[r["step"]]} for r in curve if r["method"] == "backprop"]
+    twin = [{**r, "method": "twin"} for r in noisy]
+    table = time_to_quality(noisy + twin, [{"task": "arith", "peft": "lora", "method": "twin", "seed": 0,
+                                            "speedup": "1.0"}]).splitlines()
+    assert table[2].endswith("| 0.3000 (60; first at 20) | 20 | 1.00× | 1.00× |")
 
 
 def test_llm_sft_branch_words_and_the_dropbp_baseline():
@@ -244,7 +250,7 @@ def test_time_to_quality_interpolates_and_matches_runs_by_steps_and_batch():
              {**run, "method": "m", "steps": "80", "step": "40", "eval_loss": "0.40"},
              {**run, "method": "m", "steps": "80", "step": "60", "eval_loss": "0.20"}]
     table = llm_sft.time_to_quality(curve, [{**run, "method": "m", "steps": "80", "speedup": "1.2"}])
-    assert "| 0.3000 (80) | 50 | 1.20× | 1.92× |" in table
+    assert "| 0.3000 (80; first at 80) | 50 | 1.20× | 1.92× |" in table
 
 
 def test_llm_sft_lora_on_the_top_blocks_only_trains_as_the_cut_does(tmp_path):
