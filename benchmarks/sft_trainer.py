@@ -20,7 +20,6 @@ every round.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
