@@ -251,10 +251,10 @@ def with_lora(model, peft: str, seed: int, r: int = 8, task_type: str = "CAUSAL_
                                             task_type=task_type, layers_to_transform=layers))
 
 
-def lora_top(method: str) -> int | None:
-    """``lora20`` in a method: LoRA adapters on the top 20 blocks only (the baseline PEFT offers)."""
-    tops = [int(w[4:]) for w in method.split() if w.startswith("lora") and w[4:].isdigit()]
-    return tops[0] if tops else None
+def numbered(method: str, prefix: str) -> int | None:
+    """The number of a method's word ``<prefix><N>`` (``cut10`` → 10), or None if it has none."""
+    found = [int(w[len(prefix):]) for w in method.split() if w.startswith(prefix) and w[len(prefix):].isdigit()]
+    return found[0] if found else None
 
 
 def config_for(method: str, num_layers: int) -> ldfa_hf.LDFAConfig:
@@ -360,17 +360,16 @@ def pin_branches(plugin, method: str) -> None:
             bounds = allocation.cut_bounds(len(hooks), plugin.config.skip_branches, float(word[5:]))
             plugin.cut_bounds = lambda: bounds
             plugin._schedule()
-        if word.startswith("exactevery"):
-            every, draw = int(word[10:]), plugin._draw_branches
+    every, draw = numbered(method, "exactevery"), plugin._draw_branches
+    if every:
+        def draw_with_exact_steps():
+            draw()
+            if plugin.num_steps % every == 0:
+                for hook in hooks:
+                    hook.mode = "exact"
 
-            def draw_with_exact_steps():
-                draw()
-                if plugin.num_steps % every == 0:
-                    for hook in hooks:
-                        hook.mode = "exact"
-
-            plugin._draw_branches = draw_with_exact_steps
-            plugin._schedule()
+        plugin._draw_branches = draw_with_exact_steps
+        plugin._schedule()
     for role in {"mlp", "attention"} & set(method.split()):
         count = round(plugin.config.skip_branches * sum(h.role == role for h in hooks))
         chosen = [h.name for h in hooks if h.role == role][:count]
@@ -387,8 +386,8 @@ def cut_below(model, method: str):
     """``cut10`` in a method: blocks 0–9 get no gradient at all (their input is detached at block 10),
     so their adapters do not train and their backward never runs. The baseline LDFA has to beat:
     LoRA on the top blocks only, with none of their backward below."""
-    cuts = [int(w[3:]) for w in method.split() if w.startswith("cut") and w[3:].isdigit()]
-    if not cuts:
+    cut = numbered(method, "cut")
+    if cut is None:
         return None
     blocks = blocks_of(model)
 
@@ -397,7 +396,7 @@ def cut_below(model, method: str):
             return (args[0].detach(), *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
 
-    return blocks[cuts[0]].register_forward_pre_hook(detach, with_kwargs=True)
+    return blocks[cut].register_forward_pre_hook(detach, with_kwargs=True)
 
 
 # -- the lockstep run ---------------------------------------------------------------------------
@@ -447,7 +446,7 @@ def run(task: str, methods, seed: int, steps: int, batch_size: int, lr: float | 
     plugins, cuts = {}, []
     for i, method in enumerate(methods):  # 4-bit weights cannot be deep-copied: load them again
         twin = base if i == len(methods) - 1 else (base_model(tiny, peft)[0] if peft == "qlora" else copy.deepcopy(base))
-        model = models[method] = with_lora(twin, peft, seed, top=lora_top(method))
+        model = models[method] = with_lora(twin, peft, seed, top=numbered(method, "lora"))  # lora20: top 20 only
         model.load_state_dict(trainable, strict=False)  # the same adapters (4-bit state is not copied)
         plugins[method] = ldfa_hf.wrap(model, config_for(method, base.config.num_hidden_layers))
         if "dropbp" in method.split():
@@ -679,10 +678,9 @@ def main(argv=None) -> None:
     print(pareto_table(table.rows))
     if curves.rows:
         print(time_to_quality(curves.rows, table.rows))
-        drawn = drawn_rows(curves.rows, args.steps, args.batch_size, args.plot_methods)
-        print("plots:", plot_time_to_quality(drawn or curves.rows, curve_path.replace(".csv", ".png"), table.rows),
-              plot_time_to_quality(drawn or curves.rows, curve_path.replace(".csv", "_train.png"), table.rows,
-                                   column="train_loss"))
+        drawn = drawn_rows(curves.rows, args.steps, args.batch_size, args.plot_methods) or curves.rows
+        print("plots:", plot_time_to_quality(drawn, curve_path.replace(".csv", ".png"), table.rows),
+              plot_time_to_quality(drawn, curve_path.replace(".csv", "_train.png"), table.rows, column="train_loss"))
     print(f"results: {args.out}")
 
 
