@@ -107,9 +107,12 @@ class LDFAConfig:
         exact_top: the fraction (0 ≤ f < 1) of the targeted layers nearest the output — the last
             in module order, so the top blocks and the head — left with exact backprop; LDFA
             feeds back below them (the authors' recipe for large models; docs/METHOD.md §3d).
-        skip_zero_rows: when LDFA leaves a frozen LM head exact (``exact_top``, ``exclude_modules``),
-            its backward multiplies only the rows of its error that are not zero: the tokens the loss
-            scores (completion-only SFT, padding). Exact, and cheaper; ``False`` leaves the head to autograd.
+        skip_zero_rows: when LDFA leaves the LM head exact (``exact_top``, ``exclude_modules``), it
+            computes only the rows the loss scores (completion-only SFT, masked LM, padding): in a
+            training forward whose ``labels`` go into a causal or masked LM (its own loss, as the
+            ``Trainer`` runs it), only the scored tokens' logits (the others are returned as zeros,
+            which that loss never reads); in a frozen head's backward, only its error's non-zero
+            rows. Exact, and cheaper; ``False`` leaves the head to autograd.
         include_conv: with ``"all-linear"``, also target ``nn.Conv2d`` with ``groups == 1``.
         refresh_every: ``svd`` rule: re-run the truncated SVD every this many steps;
             ``"auto"`` (default) is half an epoch when the epoch length is known (from

@@ -123,7 +123,7 @@ def linear_layers(model) -> list[tuple]:
 def whole_model_cost(plugin, samples: Optional[int] = None, linears: Optional[list] = None) -> dict:
     """Multiply-adds of every linear layer of the model per step (targeted by LDFA or not, LoRA's
     adapters included), backprop vs this plugin's configuration: LDFA's layers as ``estimate_cost``
-    counts them, the exact LM head's zero rows skipped, a branch's layers scaled by the share of
+    counts them, the exact LM head's unscored rows skipped (``forward_ldfa``: its forward too), a branch's layers scaled by the share of
     steps it runs. Attention's core, norms and activations are not counted. ``linears``:
     ``linear_layers(plugin.model)``, if the caller has it already."""
     views = {id(v.module): v for v in plugin.layers.values()}
@@ -131,9 +131,10 @@ def whole_model_cost(plugin, samples: Optional[int] = None, linears: Optional[li
     N = samples or (seen[len(seen) // 2] if seen else ASSUMED_SAMPLES)
     rates = _branch_rates(plugin) if plugin.branches else {}
     head = plugin._head
-    forward = bp = ldfa = 0.0
+    forward = forward_ldfa = bp = ldfa = 0.0
     for _, module, kind in linears if linears is not None else linear_layers(plugin.model):
         m, n = kind.shape(module)
+        share = 1.0  # of the rows its forward computes
         if id(module) in views:
             view = views[id(module)]
             layer = LayerCost(m, n, view.rank, samples or view.forward_samples or N,
@@ -145,13 +146,16 @@ def whole_model_cost(plugin, samples: Optional[int] = None, linears: Optional[li
             exact = N * m * n * (1 + trains)
             mine = exact
             if head is not None and module is head.module and head.rows_seen:
-                mine = N * m * n * head.rows_kept / head.rows_seen
+                kept = head.rows_kept / head.rows_seen  # a trainable head's backward is autograd's: skips in forward only
+                mine = exact * kept if head.forward_skips or not trains else exact
+                share = kept if head.forward_skips else 1.0
         forward += N * m * n
+        forward_ldfa += N * m * n * share
         bp += exact
         ldfa += (1 - rates.get(id(module), 0.0)) * mine
-    return {"forward": forward, "backward_bp": bp, "backward_ldfa": ldfa,
+    return {"forward": forward, "forward_ldfa": forward_ldfa, "backward_bp": bp, "backward_ldfa": ldfa,
             "backward_saved": 1 - ldfa / bp if bp else 0.0,
-            "step_saved": (bp - ldfa) / (forward + bp) if bp else 0.0}
+            "step_saved": (forward + bp - forward_ldfa - ldfa) / (forward + bp) if bp else 0.0}
 
 
 def summary_text(plugin, samples: Optional[int] = None) -> str:
@@ -181,9 +185,10 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
     head = plugin._head
     if head is not None:
         m, n = head.module.weight.shape
-        seen = (f"; last training backward: {head.rows_kept:,} of {head.rows_seen:,} rows" if head.rows_seen else "")
-        lines.append(f"  {head.name} ({m} x {n}) is exact and multiplies only the non-zero rows of its error, "
-                     f"the scored tokens{seen}")
+        seen = (f"; last training step: {head.rows_kept:,} of {head.rows_seen:,} rows"
+                + (", forward and backward" if head.forward_skips else ", backward") if head.rows_seen else "")
+        lines.append(f"  {head.name} ({m} x {n}) is exact and computes only the rows the loss scores "
+                     f"(forward: with labels in the model's own LM loss; backward: its error's non-zero rows){seen}")
     elif frozen_or_trained:
         scores = classifier_head(model)
         name, module = scores or frozen_or_trained[-1][:2]  # else the output layer: the last linear layer that runs
@@ -226,7 +231,8 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
     else:
         rows = "the rows (tokens) each layer saw in its last training forward"
     saved = whole["backward_saved"]
-    verdict = (f"{100 * saved:.1f}% fewer ({100 * whole['step_saved']:.1f}% of forward+backward)"
+    head_forward = ", the head's unscored forward rows included" if whole["forward_ldfa"] < whole["forward"] else ""
+    verdict = (f"{100 * saved:.1f}% fewer ({100 * whole['step_saved']:.1f}% of forward+backward{head_forward})"
                if saved > 0 else "no saving at this size (the rule's own work outweighs it)")
     lines.append(f"estimated backward multiply-adds of all {len(exact) + len(layers)} linear layers at {rows}: "
                  f"{whole['backward_bp']:,.0f} (backprop) -> {whole['backward_ldfa']:,.0f} (this configuration, rule "

@@ -24,7 +24,7 @@ from .linalg import factor_generator
 from .rules import make_rule
 from .targets import (Target, classifier_head, existing_hook_owner, find_targets, sequence_classifier,
                       unmatched_rank_patterns)
-from .zero_rows import ZeroRowSkipping, output_layer
+from .zero_rows import ZeroRowSkipping, language_model_of, output_layer
 
 STATE_NAME = "ldfa_state.safetensors"
 _STEP_KEY = "__ldfa__.num_steps"
@@ -90,7 +90,7 @@ class LDFAPlugin:
         self.num_steps = 0
         self.steps_per_epoch: Optional[int] = None  # optimizer steps per epoch, if known ("auto" refresh)
         self._hooks: dict[str, FeedbackHook] = {}  # one record per targeted layer, in module order
-        self._head: Optional[ZeroRowSkipping] = None  # the exact LM head's zero-row-skipping backward
+        self._head: Optional[ZeroRowSkipping] = None  # the exact LM head, over the scored rows only
         self._branches: dict[str, BranchHook] = {}  # residual branches (skip_branches > 0), bottom first
         self._pooled: dict[str, dict] = {}  # per branch: decayed sums of its exact steps' statistics
         self._rates: Optional[Tensor] = None
@@ -154,12 +154,13 @@ class LDFAPlugin:
         return self
 
     def _exact_head(self, model: nn.Module, hooks: Mapping[str, FeedbackHook]) -> Optional[ZeroRowSkipping]:
-        """The LM head, if LDFA leaves it exact and ``skip_zero_rows`` is on (``zero_rows.py``)."""
+        """The LM head, if LDFA leaves it exact and ``skip_zero_rows`` is on (``zero_rows.py``), with the
+        language model whose labels say which of its rows the loss reads."""
         head = output_layer(model) if self.config.skip_zero_rows else None
         if head is None or any(hook.module is head for hook in hooks.values()):
             return None
         name = next((n for n, m in model.named_modules() if m is head), None)
-        return None if name is None else ZeroRowSkipping(name, head, self.switch)
+        return None if name is None else ZeroRowSkipping(name, head, self.switch, language_model_of(model, head))
 
     def _find_branches(self, model: nn.Module) -> dict[str, BranchHook]:
         """The residual branches whose backward may be skipped (``skip_branches``), or none."""
