@@ -28,13 +28,14 @@ BranchAllocation = Literal["sensitivity", "depth", "uniform", "bottom", "cut"]  
 RULE_SETTINGS = ("refit_every", "calibrate_every", "feedback_lr", "feedback_weight_decay")
 
 
-# LDFAConfig.for_finetuning() (v0.3.0): chosen on SmolLM2-135M LoRA, arithmetic SFT over 4 seeds (RESULTS.md h):
-# the bottom half of the residual branches skips its backward on every step while their output projections
-# still learn, the top half exact: 1.33x a step at the accuracy of v0.2.0's default (the top two thirds exact,
-# ``sampled`` feedback below; 1.05-1.08x). A third skipped kept no more accuracy, two thirds lost 30 points, and
-# no low-rank feedback measured so far beats skipping outright: the rule is "bp" (the bottom half's linears run
-# no backward, the top half none of LDFA's hooks).
-FINETUNING: dict = {"rule": "bp", "exact_top": 0.5, "skip_branches": 0.5, "branch_allocation": "bottom",
+# LDFAConfig.for_finetuning() (v0.4.0): chosen on SmolLM2-135M LoRA, arithmetic SFT over 4 seeds (RESULTS.md h):
+# the bottom third of the residual branches skips its backward on every step while their output projections
+# still learn, the top two thirds exact: -1.0 +- 3.2 points and +4% held-out loss against plain LoRA at 1.31x a
+# step (with the exact head's scored-rows forward), where the bottom half (v0.3.0's default) lost 5.2 +- 5.5
+# points and 15% at 1.44x and reached plain LoRA's final loss sooner on no seed. Two thirds lost 30 points;
+# no low-rank feedback measured so far beats skipping outright: the rule is "bp" (the skipped third's linears
+# run no backward, the exact top none of LDFA's hooks).
+FINETUNING: dict = {"rule": "bp", "exact_top": 2 / 3, "skip_branches": 1 / 3, "branch_allocation": "bottom",
                     "branch_tail": True}
 
 
@@ -259,21 +260,24 @@ class LDFAConfig:
         """The configuration we recommend for fine-tuning a pretrained transformer (full, LoRA or QLoRA).
 
         Skipping whole residual branches saves what replacing the frozen linears' input gradient
-        cannot (docs/METHOD.md §3e). This is ``skip_branches=0.5, branch_allocation="bottom",
-        branch_tail=True, exact_top=0.5``: the attention and MLP branches of the bottom half of
+        cannot (docs/METHOD.md §3e). This is ``skip_branches=1/3, branch_allocation="bottom",
+        branch_tail=True, exact_top=2/3``: the attention and MLP branches of the bottom third of
         the blocks run no backward at all, on every step; the error goes down their residual path,
         and their output projections (``o_proj``, ``down_proj``) still learn from it, while the top
-        half keeps exact backprop. On a pretrained LLM the bottom blocks' adapters matter least and
-        their error is the widest (RESULTS.md h, i): 1.33× a step on SmolLM2-135M LoRA at plain
-        LoRA's accuracy within the seeds' spread. The model's family must be in
-        ``ldfa_hf.branches.BRANCH_MAPPINGS`` (Llama-style, GPT-2, GPT-NeoX, OPT, BERT-style, ViT), or
-        name its branches with ``branch_map=...``. No low-rank feedback is involved (``rule="bp"``):
-        on a pretrained LLM none measured so far beats skipping outright. v0.2.0's default, the top
-        two thirds exact and ``sampled`` rank-32 feedback below (parity in speed), is
+        two thirds keep exact backprop. The exact LM head computes only the scored tokens' rows
+        (``skip_zero_rows``). On a pretrained LLM the bottom blocks' adapters matter least
+        (RESULTS.md h, i): 1.31× a step on SmolLM2-135M LoRA arithmetic SFT, 1.0 point behind plain
+        LoRA (4 seeds). The model's family must be in ``ldfa_hf.branches.BRANCH_MAPPINGS``
+        (Llama-style, GPT-2, GPT-NeoX, OPT, BERT-style, ViT), or name its branches with
+        ``branch_map=...``. No low-rank feedback is involved (``rule="bp"``): on a pretrained LLM
+        none measured so far beats skipping outright. v0.3.0's default, faster and less accurate, is
+        ``for_finetuning(skip_branches=0.5, exact_top=0.5)``; v0.2.0's, the top two thirds exact and
+        ``sampled`` rank-32 feedback below (parity in speed), is
         ``for_finetuning(rule="sampled", rank=32, exact_top=0.67, skip_branches=0.0)``.
 
         Example:
             >>> cfg = LDFAConfig.for_finetuning()
+            >>> faster = LDFAConfig.for_finetuning(skip_branches=0.5, exact_top=0.5)  # v0.3.0's
             >>> cfg = LDFAConfig.for_finetuning(rule="sampled", rank=32, exact_top=0.67, skip_branches=0.0)
         """
         known = {f.name for f in dataclasses.fields(cls)}

@@ -107,7 +107,9 @@ def test_settings_a_rule_ignores_are_said():
 def test_for_finetuning_is_a_valid_config_and_takes_overrides():
     cfg = LDFAConfig.for_finetuning()
     assert (cfg.rule, cfg.exact_top, cfg.skip_branches, cfg.branch_allocation, cfg.branch_tail) == (
-        "bp", 0.5, 0.5, "bottom", True)
+        "bp", 2 / 3, 1 / 3, "bottom", True)
+    half = LDFAConfig.for_finetuning(skip_branches=0.5, exact_top=0.5)  # v0.3.0's
+    assert (half.skip_branches, half.exact_top, half.branch_tail) == (0.5, 0.5, True)
     previous = LDFAConfig.for_finetuning(rule="sampled", rank=32, exact_top=0.67, skip_branches=0.0)  # v0.2.0's
     assert (previous.rule, previous.rank, previous.exact_top, previous.skip_branches) == ("sampled", 32, 0.67, 0.0)
     with pytest.raises(ValueError, match="rank must be a positive int; got 0"):
