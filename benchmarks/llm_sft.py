@@ -627,9 +627,11 @@ def plot_time_to_quality(rows: list[dict], path: str, results: list[dict] | None
 
 def drawn_rows(curve: list[dict], steps: int, batch_size: int, methods: list[str] | None = None) -> list[dict]:
     """The curve points a plot draws: runs of these steps and batch size, of ``methods`` (all if None)
-    and plain LoRA."""
-    return [r for r in curve if (r["steps"], r["batch_size"]) == (str(steps), str(batch_size))
+    and plain LoRA, in the (task, fine-tuning kind) panels where one of those methods ran."""
+    rows = [r for r in curve if (r["steps"], r["batch_size"]) == (str(steps), str(batch_size))
             and (methods is None or r["method"] in ["backprop", *methods])]
+    panels = {(r["task"], r["peft"]) for r in rows if r["method"] != "backprop"}
+    return [r for r in rows if (r["task"], r["peft"]) in panels]
 
 
 def main(argv=None) -> None:

@@ -16,7 +16,7 @@ from .plugin import LDFAPlugin, wrap
 from .rules import Rule, register_rule
 from .targets import Target
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = ["LDFACallback", "LDFAConfig", "LDFAPlugin", "LDFAWarning", "Rule", "Target", "register_rule", "wrap",
            "__version__"]

@@ -30,7 +30,7 @@ RULE_SETTINGS = ("refit_every", "calibrate_every", "feedback_lr", "feedback_weig
 
 # LDFAConfig.for_finetuning() (v0.4.0): chosen on SmolLM2-135M LoRA, arithmetic SFT over 4 seeds (RESULTS.md h):
 # the bottom third of the residual branches skips its backward on every step while their output projections
-# still learn, the top two thirds exact: -1.0 +- 3.2 points and +4% held-out loss against plain LoRA at 1.31x a
+# still learn, the top two thirds exact: -1.0 +- 3.2 points and +4% held-out loss against plain LoRA at 1.34x a
 # step (with the exact head's scored-rows forward), where the bottom half (v0.3.0's default) lost 5.2 +- 5.5
 # points and 15% at 1.44x and reached plain LoRA's final loss sooner on no seed. Two thirds lost 30 points;
 # no low-rank feedback measured so far beats skipping outright: the rule is "bp" (the skipped third's linears
@@ -266,7 +266,7 @@ class LDFAConfig:
         and their output projections (``o_proj``, ``down_proj``) still learn from it, while the top
         two thirds keep exact backprop. The exact LM head computes only the scored tokens' rows
         (``skip_zero_rows``). On a pretrained LLM the bottom blocks' adapters matter least
-        (RESULTS.md h, i): 1.31× a step on SmolLM2-135M LoRA arithmetic SFT, 1.0 point behind plain
+        (RESULTS.md h, i): 1.34× a step on SmolLM2-135M LoRA arithmetic SFT, 1.0 point behind plain
         LoRA (4 seeds). The model's family must be in ``ldfa_hf.branches.BRANCH_MAPPINGS``
         (Llama-style, GPT-2, GPT-NeoX, OPT, BERT-style, ViT), or name its branches with
         ``branch_map=...``. No low-rank feedback is involved (``rule="bp"``): on a pretrained LLM

@@ -121,6 +121,8 @@ def test_llm_sft_tiny_writes_a_resumable_csv(tmp_path):
     llm_sft.main(["--tiny", "--methods", "finetune", "--out", str(out)])  # done cells are not run again
     drawn = llm_sft.drawn_rows(curve, 4, 4, ["finetune"])  # --plot-methods: plain LoRA and the methods named
     assert {r["method"] for r in drawn} == {"backprop", "finetune"} and not llm_sft.drawn_rows(curve, 80, 16)
+    alone = [{**r, "peft": "full"} for r in curve if r["method"] == "backprop"]  # a panel with plain LoRA only
+    assert llm_sft.drawn_rows(curve + alone, 4, 4, ["finetune"]) == drawn
     assert len(list(csv.DictReader(open(out)))) == 2
     config = llm_sft.config_for("sampled r4 frac0.5 exact0.5", num_layers=2)
     assert (config.rule, config.rank, config.rule_options, config.exact_top) == ("sampled", 4, {"fraction": 0.5}, 0.5)
