@@ -549,8 +549,9 @@ def time_to_quality(curve: list[dict], results: list[dict]) -> str:
     LoRA's final one (interpolated between curve points), and the time-to-quality speed-up that
     makes with the run's own step-time ratio: ``(plain LoRA's steps × its step time) / (the
     method's steps × its step time)``, plain LoRA's steps being those *it* took to first reach
-    that loss (a noisy curve can touch it before its last step; an exact method then scores 1×). Steps do not depend on the machine's load and the ratio was
-    measured side by side, so runs made at different times compare. A run is named by task,
+    that loss (a noisy curve can touch it before its last step; an exact method then scores 1×).
+    Steps do not depend on the machine's load and the ratio was measured side by side, so runs
+    made at different times compare. A run is named by task,
     fine-tuning kind, method, seed, steps and batch size (a curve written before the last two were
     recorded matches on the first four)."""
     points: dict[tuple, list] = {}

@@ -123,8 +123,8 @@ def linear_layers(model) -> list[tuple]:
 def whole_model_cost(plugin, samples: Optional[int] = None, linears: Optional[list] = None) -> dict:
     """Multiply-adds of every linear layer of the model per step (targeted by LDFA or not, LoRA's
     adapters included), backprop vs this plugin's configuration: LDFA's layers as ``estimate_cost``
-    counts them, the exact LM head's unscored rows skipped (``forward_ldfa``: its forward too), a branch's layers scaled by the share of
-    steps it runs. Attention's core, norms and activations are not counted. ``linears``:
+    counts them, the exact LM head's unscored rows skipped (``forward_ldfa``: in its forward too), a
+    branch's layers scaled by the share of steps it runs. Attention's core, norms and activations are not counted. ``linears``:
     ``linear_layers(plugin.model)``, if the caller has it already."""
     views = {id(v.module): v for v in plugin.layers.values()}
     seen = sorted(v.forward_samples for v in views.values() if v.forward_samples)
@@ -146,7 +146,8 @@ def whole_model_cost(plugin, samples: Optional[int] = None, linears: Optional[li
             exact = N * m * n * (1 + trains)
             mine = exact
             if head is not None and module is head.module and head.rows_seen:
-                kept = head.rows_kept / head.rows_seen  # a trainable head's backward is autograd's: skips in forward only
+                kept = head.rows_kept / head.rows_seen
+                # a trainable head's backward is autograd's, over the rows its forward kept
                 mine = exact * kept if head.forward_skips or not trains else exact
                 share = kept if head.forward_skips else 1.0
         forward += N * m * n
@@ -187,8 +188,9 @@ def summary_text(plugin, samples: Optional[int] = None) -> str:
         m, n = head.module.weight.shape
         seen = (f"; last training step: {head.rows_kept:,} of {head.rows_seen:,} rows"
                 + (", forward and backward" if head.forward_skips else ", backward") if head.rows_seen else "")
+        forward = "forward: with labels in the model's own LM loss; " if head.lm is not None else ""
         lines.append(f"  {head.name} ({m} x {n}) is exact and computes only the rows the loss scores "
-                     f"(forward: with labels in the model's own LM loss; backward: its error's non-zero rows){seen}")
+                     f"({forward}backward: its error's non-zero rows){seen}")
     elif frozen_or_trained:
         scores = classifier_head(model)
         name, module = scores or frozen_or_trained[-1][:2]  # else the output layer: the last linear layer that runs

@@ -68,11 +68,9 @@ def scored_positions(kwargs: dict, shift: bool) -> Optional[Tensor]:
     labels = kwargs.get("shift_labels") if shift else None
     if labels is None:
         labels = kwargs.get("labels")
-        if not isinstance(labels, Tensor) or labels.dim() < 1:
-            return None
-        if shift:
+        if shift and isinstance(labels, Tensor) and labels.dim():
             labels = nn.functional.pad(labels, (0, 1), value=ignore)[..., 1:]
-    return labels != ignore if isinstance(labels, Tensor) else None
+    return labels != ignore if isinstance(labels, Tensor) and labels.dim() else None
 
 
 def nonzero_rows_times(g: Tensor, W: Tensor) -> tuple[Tensor, int]:
